@@ -1,0 +1,328 @@
+"""The spectrum model: a line table and a fit window, evaluated for batches of parameter sets.
+
+:class:`SpectrumModel` is thin: it holds the line table as tensors and the channel window, and
+composes the pure functions of :mod:`mapstorch.physics.spectrum`. It exposes the linear
+structure of the MAPS model: for fixed shape parameters ``theta`` the spectrum is
+``D(theta) @ amplitudes`` with the design matrix ``D`` of shape ``[..., C, K + 2]`` whose columns
+are the ``K`` components (elements and pile-ups), the elastic and the Compton peak, each at unit
+amplitude and including its escape peak.
+
+Typical use::
+
+    lines = build_line_table(["Ca", "Fe", "Pb_L"])
+    model = SpectrumModel(lines, window=fit_window(2048, params))
+    spectrum = model(params.shape_values(), params.amplitudes())          # [C]
+    D = model.design_matrix(params.shape_values())                         # [C, K + 2]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mapstorch.errors import InputError
+from mapstorch.parameters.set import N_SHAPE, ParameterSet
+from mapstorch.physics.lines import LineTable
+from mapstorch.physics.profiles import Peaks, evaluate_peaks
+from mapstorch.physics.shapes import FANO_EPSILON_XRFMAPS, detector_sigma, tail
+from mapstorch.physics.spectrum import (
+    ESCAPE_EDGE_KEV,
+    ESCAPE_ENERGY_KEV,
+    P,
+    channel_energies,
+    compton_energy,
+    line_weights,
+)
+
+__all__ = ["SpectrumModel", "FitWindow", "fit_window", "ELASTIC", "COMPTON"]
+
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
+
+ELASTIC = "Elastic"
+COMPTON = "Compton"
+
+
+@dataclass(frozen=True)
+class FitWindow:
+    """Absolute channel range ``[first, last]`` (inclusive) that the model evaluates."""
+
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if self.first < 0 or self.last < self.first:
+            raise InputError(f"fit window [{self.first}, {self.last}] is empty or negative")
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+    def slice(self) -> slice:
+        return slice(self.first, self.last + 1)
+
+
+def fit_window(n_channels: int, params: ParameterSet | dict) -> FitWindow:
+    """XRF-Maps' fit window: channels of MIN/MAX_ENERGY_TO_FIT under the linear calibration.
+
+    ``first = round((MIN - offset) / slope)``, ``last = round((MAX - offset) / slope)``, with
+    ``last`` clipped to the spectrum and the whole range used when the window is empty.
+    """
+    get = (lambda k: float(params[k])) if isinstance(params, dict) else (lambda k: float(params[k].reshape(-1)[0]))
+    off, slope = get("ENERGY_OFFSET"), get("ENERGY_SLOPE")
+    if not slope > 0:
+        raise InputError(f"ENERGY_SLOPE must be positive to place the fit window, got {slope}")
+    first = int(round((get("MIN_ENERGY_TO_FIT") - off) / slope))
+    last = int(round((get("MAX_ENERGY_TO_FIT") - off) / slope))
+    if last > n_channels - 1 or last <= first:
+        last = n_channels - 1
+    if first > last or first < 0:
+        first = max(0, min(first, last)) if first <= last else 0
+    return FitWindow(first, last)
+
+
+class SpectrumModel:
+    """The MAPS model for one line table over one channel window (see module docstring).
+
+    lines : the :class:`~mapstorch.physics.lines.LineTable` of the fit components.
+    window : channels to evaluate (a :class:`FitWindow`, or the number of channels for all).
+    escape : include detector escape peaks (scaled by ``SI_ESCAPE`` / ``GE_ESCAPE`` for the
+        table's detector material). ``None`` (default) decides per call: included when the
+        factor is non-zero. Pass ``True`` when fitting the factor from zero.
+    fano_epsilon : the ``eps`` in ``sigma^2 = (FWHM_OFFSET/2.3548)^2 + eps E FANOPRIME``.
+    max_incident_energy : lines whose gating edge is at or above it can never be excited and
+        are dropped once, here (pass the upper bound of COHERENT_SCT_ENERGY in a fit).
+    windowed : evaluate each line only on the channels where it is above tolerance (see
+        :mod:`mapstorch.physics.profiles`); ``False`` evaluates every line on every channel.
+    dtype, device : of the tensors the model creates; inputs must match.
+    """
+
+    def __init__(
+        self,
+        lines: LineTable,
+        window: FitWindow | int,
+        *,
+        escape: bool | None = None,
+        fano_epsilon: float = FANO_EPSILON_XRFMAPS,
+        max_incident_energy: float | None = None,
+        windowed: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(window, int):
+            window = FitWindow(0, window - 1)
+        self.table = lines
+        self.window = window
+        self.escape = escape
+        self.fano_epsilon = float(fano_epsilon)
+        self.windowed = windowed
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.lines = lines.to_torch(dtype, self.device)
+        keep = None
+        if max_incident_energy is not None:
+            keep = self.lines.gate_edge < float(max_incident_energy)
+            if not bool(keep.all()):
+                self.lines = type(self.lines)(*(getattr(self.lines, f)[keep] for f in self.lines.__dataclass_fields__))
+        self.channels = torch.arange(window.first, window.last + 1, dtype=dtype, device=self.device)
+        self.n_components = len(lines.components)
+        self.detector = lines.detector
+        self._escape_index = P.SI_ESCAPE if self.detector == "Si" else P.GE_ESCAPE
+
+    # ------------------------------------------------------------------ names
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """Names of the design-matrix columns: the components, then Elastic, then Compton."""
+        return self.table.names + (ELASTIC, COMPTON)
+
+    # ------------------------------------------------------------------ validation
+    def _check(self, theta: Tensor, amplitudes: Tensor | None = None) -> None:
+        if not isinstance(theta, Tensor) or theta.shape[-1:] != (N_SHAPE,):
+            shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
+            raise InputError(
+                f"shape parameters must be a tensor [..., {N_SHAPE}] (ParameterSet.shape_values()), got {shape}"
+            )
+        if theta.dtype != self.dtype or theta.device != self.device:
+            raise InputError(
+                f"parameters are {theta.dtype} on {theta.device}, the model is {self.dtype} on {self.device}; "
+                "build the model with the same dtype/device or convert the parameters"
+            )
+        if amplitudes is not None:
+            k = self.n_components + 2
+            if not isinstance(amplitudes, Tensor) or amplitudes.shape[-1:] != (k,):
+                shape = tuple(amplitudes.shape) if isinstance(amplitudes, Tensor) else type(amplitudes).__name__
+                raise InputError(f"amplitudes must be a tensor [..., {k}] (components, elastic, Compton), got {shape}")
+
+    def _use_escape(self, theta: Tensor) -> bool:
+        if self.escape is not None:
+            return self.escape
+        return bool(torch.any(theta[..., self._escape_index] != 0))
+
+    # ------------------------------------------------------------------ evaluation
+    def _peaks(self, theta: Tensor, scale: Tensor | None, escape: bool) -> tuple[Peaks, Tensor, int]:
+        """All peaks (lines, elastic, Compton core; escape copies) and the Compton high tail.
+
+        Rows: ``scale is None`` -> components 0..K-1, elastic K, Compton K+1, and the escape
+        copies in rows K+2.. (same order); otherwise every peak is multiplied by the amplitude
+        of its column and goes to row 0. Returns (peaks, hi_tail [..., rows, C], n_rows).
+        """
+        lines, k = self.lines, self.n_components
+        dt = theta.dtype
+        p = theta.unbind(-1)
+        gain = p[P.ENERGY_SLOPE][..., None]
+        sigma, gamma, f_step, f_tail, weight = line_weights(lines, theta, self.fano_epsilon)
+        a = weight * gain / (sigma * _SQRT_2PI)
+        b = weight * f_step * gain / (2.0 * lines.energy)
+        c = weight * f_tail * gain / (2.0 * gamma * sigma)
+        # scatter peaks: elastic; Compton Gaussian (width x FWHM_CORR); Compton step + tail
+        e0 = p[P.COHERENT_SCT_ENERGY]
+        e_c = compton_energy(theta)
+        fwhm_off, fano = p[P.FWHM_OFFSET], p[P.FWHM_FANOPRIME]
+        s0 = detector_sigma(e0, fwhm_off, fano, self.fano_epsilon)
+        s_c = detector_sigma(e_c, fwhm_off, fano, self.fano_epsilon)
+        fs, ft, fh = p[P.COMPTON_F_STEP], p[P.COMPTON_F_TAIL], p[P.COMPTON_HI_F_TAIL]
+        norm = 1.0 / (1.0 + fs + ft + fh)
+        s_cg = s_c * p[P.COMPTON_FWHM_CORR]
+        g0 = gain[..., 0]
+        gamma_c = p[P.COMPTON_GAMMA]
+        one = torch.ones_like(e0)
+        zero = torch.zeros_like(e0)
+        sc_centers = torch.stack([e0, e_c, e_c], -1)
+        sc_sigma = torch.stack([s0, s_cg, s_c], -1)
+        sc_gamma = torch.stack([one, one, gamma_c], -1)
+        sc_a = torch.stack([g0 / (s0 * _SQRT_2PI), norm * g0 / (s_cg * _SQRT_2PI), zero], -1)
+        sc_b = torch.stack([zero, zero, norm * fs * g0 / (2.0 * e_c)], -1)
+        sc_c = torch.stack([zero, zero, norm * ft * g0 / (2.0 * gamma_c * s_c)], -1)
+        dev = theta.device
+        sc_rows = torch.tensor([k, k + 1, k + 1], device=dev)
+        batch = theta.shape[:-1]
+        n_l = lines.energy.shape[0]
+        centers = torch.cat([lines.energy.expand(*batch, n_l), sc_centers], -1)
+        sig = torch.cat([sigma.expand(*batch, n_l), sc_sigma], -1)
+        gam = torch.cat([gamma.expand(*batch, n_l), sc_gamma], -1)
+        pa, pb, pc = (torch.cat([u.expand(*batch, n_l), v], -1) for u, v in ((a, sc_a), (b, sc_b), (c, sc_c)))
+        rows = torch.cat([lines.component, sc_rows])
+        # Compton high-energy tail: a mirrored tail, evaluated directly on the channels
+        energies = channel_energies(self.channels, theta)
+        hi = (norm * fh)[..., None] * tail(
+            e_c[..., None] - energies, s_c[..., None], p[P.COMPTON_HI_GAMMA][..., None], gain
+        )
+        n_rows = k + 2
+        if scale is not None:
+            amp = scale[..., rows]
+            pa, pb, pc = pa * amp, pb * amp, pc * amp
+            hi = hi * scale[..., k + 1, None]
+            rows = torch.zeros_like(rows)
+            n_rows = 1
+            hi_rows = hi[..., None, :]
+        else:
+            hi_rows = torch.cat([hi.new_zeros(*hi.shape[:-1], k + 1, hi.shape[-1]), hi[..., None, :]], -2)
+        if escape:
+            shift = ESCAPE_ENERGY_KEV[self.detector]
+            edge = ESCAPE_EDGE_KEV[self.detector]
+            factor = p[self._escape_index][..., None]
+            gate = (centers > edge).to(dt) * factor
+            centers = torch.cat([centers, centers - shift], -1)
+            sig, gam = torch.cat([sig, sig], -1), torch.cat([gam, gam], -1)
+            pa, pb, pc = (torch.cat([u, u * gate], -1) for u in (pa, pb, pc))
+            esc_rows = rows + (n_rows if scale is None else 0)
+            rows = torch.cat([rows, esc_rows])
+            hi_shift = (norm * fh)[..., None] * tail(
+                e_c[..., None] - shift - energies, s_c[..., None], p[P.COMPTON_HI_GAMMA][..., None], gain
+            ) * (e_c > edge).to(dt)[..., None] * factor
+            if scale is not None:
+                hi_rows = hi_rows + (hi_shift * scale[..., k + 1, None])[..., None, :]
+            else:
+                hi_rows = torch.cat([hi_rows, torch.zeros_like(hi_rows[..., :-1, :]), hi_shift[..., None, :]], -2)
+                n_rows = 2 * n_rows
+        return Peaks(centers, sig, gam, pa, pb, pc, rows), hi_rows, n_rows
+
+    def _evaluate(self, theta: Tensor, scale: Tensor | None, escape: bool) -> Tensor:
+        peaks, hi_rows, n_rows = self._peaks(theta, scale, escape)
+        calibration = (theta[..., P.ENERGY_OFFSET], theta[..., P.ENERGY_SLOPE], theta[..., P.ENERGY_QUADRATIC])
+        out = evaluate_peaks(calibration, self.channels, peaks, n_rows, full=not self.windowed)
+        return out + hi_rows
+
+    def columns(self, theta: Tensor, with_escape: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(columns, escape_columns)``: unit-amplitude spectra ``[..., K + 2, C]`` of every
+        column (components, elastic, Compton) without escape, and their escape peaks (already
+        scaled by the escape factor), or ``None`` when escape is off."""
+        self._check(theta)
+        escape = with_escape and self._use_escape(theta)
+        out = self._evaluate(theta, None, escape)
+        if not escape:
+            return out, None
+        n = self.n_components + 2
+        return out[..., :n, :], out[..., n:, :]
+
+    def design_matrix(self, theta: Tensor) -> Tensor:
+        """Design matrix ``D`` ``[..., C, K + 2]`` with escape peaks folded into each column."""
+        cols, esc = self.columns(theta)
+        if esc is not None:
+            cols = cols + esc
+        return cols.transpose(-1, -2)
+
+    def __call__(self, theta: Tensor, amplitudes: Tensor, background: Tensor | None = None) -> Tensor:
+        """Model counts ``[..., C]`` = ``D(theta) @ amplitudes`` (+ ``background`` if given).
+
+        theta : ``[..., N_SHAPE]`` shape parameters; amplitudes : ``[..., K + 2]`` linear counts.
+        Peaks are summed straight into the spectrum, so no ``[..., C, K]`` matrix is formed.
+        """
+        self._check(theta, amplitudes)
+        if amplitudes.shape[:-1] != theta.shape[:-1]:
+            # shared shape parameters, many amplitude vectors: columns once, then a product
+            cols, esc = self.columns(theta)
+            if esc is not None:
+                cols = cols + esc
+            out = torch.einsum("...kc,...k->...c", cols, amplitudes)
+        else:
+            out = self._evaluate(theta, amplitudes, self._use_escape(theta))[..., 0, :]
+        if background is not None:
+            out = out + background
+        return out
+
+    def components(
+        self, theta: Tensor, amplitudes: Tensor, background: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Per-component spectra ``{name: [..., C]}`` for plotting.
+
+        Each component, ``Elastic``, ``Compton``, then ``Escape`` (all escape peaks, when on),
+        ``Background`` (when given) and ``Total``. Pile-ups appear under their own names.
+        """
+        self._check(theta, amplitudes)
+        cols, esc = self.columns(theta)
+        scaled = cols * amplitudes[..., None]
+        out = {name: scaled[..., i, :] for i, name in enumerate(self.column_names)}
+        total = scaled.sum(-2)
+        if esc is not None:
+            out["Escape"] = torch.einsum("...kc,...k->...c", esc, amplitudes)
+            total = total + out["Escape"]
+        if background is not None:
+            out["Background"] = background
+            total = total + background
+        out["Total"] = total
+        return out
+
+    def counts(self, theta: Tensor, amplitudes: Tensor) -> Tensor:
+        """Modelled counts of each column inside the fit window ``[..., K + 2]`` (escape excluded).
+
+        This is what XRF-Maps reports per element (divide by live time for counts/s).
+        """
+        self._check(theta, amplitudes)
+        cols, _ = self.columns(theta, with_escape=False)
+        return cols.sum(-1) * amplitudes
+
+    def energies(self, theta: Tensor) -> Tensor:
+        """Energy (keV) of each window channel, ``[..., C]``."""
+        self._check(theta)
+        return channel_energies(self.channels, theta)
+
+    def __repr__(self) -> str:
+        return (
+            f"SpectrumModel({self.n_components} components, {int(self.lines.energy.numel())} lines, "
+            f"channels {self.window.first}-{self.window.last}, detector={self.detector}, "
+            f"{self.dtype}, {self.device})"
+        )
+

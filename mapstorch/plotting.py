@@ -1,0 +1,117 @@
+"""PNG plots of spectra, components and maps (matplotlib, imported only when a plot is made)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["plot_spectrum", "plot_maps", "element_colors"]
+
+_SKIP = {"Total", "Background"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def element_colors(names: Sequence[str]) -> dict[str, str]:
+    """A stable colour per component name (same name, same colour, in every plot)."""
+    palette = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+    ]  # fmt: skip
+    out = {}
+    for n in names:
+        h = sum((i + 1) * ord(ch) for i, ch in enumerate(n))
+        out[n] = palette[h % len(palette)]
+    return out
+
+
+def plot_spectrum(
+    path: str | os.PathLike[str],
+    energies_kev: np.ndarray,
+    counts: np.ndarray | None,
+    components: Mapping[str, np.ndarray],
+    title: str = "",
+    top_n: int = 12,
+    residual_model: np.ndarray | None = None,
+) -> str:
+    """Data, model total, background and the ``top_n`` strongest components on a log scale.
+
+    With ``residual_model`` a lower panel shows Pearson residuals ``(data - model)/sqrt(model)``.
+    Returns the path written.
+    """
+    plt = _pyplot()
+    e = np.asarray(energies_kev)
+    rows = 2 if residual_model is not None and counts is not None else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 6.5 if rows == 2 else 5), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1]} if rows == 2 else None)
+    ax = axes[0] if rows == 2 else axes
+    floor = 0.5
+    if counts is not None:
+        ax.step(e, np.maximum(counts, floor), where="mid", color="0.35", lw=0.8, label="data")
+    if "Total" in components:
+        ax.plot(e, np.maximum(components["Total"], floor), color="k", lw=1.2, label="model")
+    if "Background" in components:
+        ax.plot(e, np.maximum(components["Background"], floor), color="0.5", ls="--", lw=1, label="background")
+    parts = {k: np.asarray(v) for k, v in components.items() if k not in _SKIP}
+    strongest = sorted(parts, key=lambda k: -float(parts[k].sum()))[:top_n]
+    colors = element_colors(strongest)
+    for k in strongest:
+        ax.plot(e, np.maximum(parts[k], floor), lw=0.9, color=colors[k], label=k)
+    ax.set_yscale("log")
+    top = max(float(np.max(counts)) if counts is not None else 0.0,
+              float(np.max(components.get("Total", np.ones(1)))))
+    ax.set_ylim(floor, top * 2.0)
+    ax.set_ylabel("counts / channel")
+    ax.legend(ncol=4, fontsize=7, loc="upper right")
+    if title:
+        ax.set_title(title)
+    if rows == 2:
+        m = np.maximum(np.asarray(residual_model), 1e-9)
+        axes[1].plot(e, (counts - m) / np.sqrt(m), lw=0.6, color="C3")
+        axes[1].axhline(0, color="k", lw=0.6)
+        axes[1].set_ylabel("(data-model)/sqrt(model)")
+        axes[1].set_xlabel("energy (keV)")
+    else:
+        ax.set_xlabel("energy (keV)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+def plot_maps(
+    path: str | os.PathLike[str],
+    maps: Mapping[str, np.ndarray],
+    title: str = "",
+    ncols: int = 4,
+    units: str = "counts",
+) -> str:
+    """A grid of map images with colour bars; returns the path written."""
+    plt = _pyplot()
+    names = list(maps)
+    nrows = max(1, (len(names) + ncols - 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.7 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names):
+        im = ax.imshow(np.asarray(maps[name]), origin="lower", cmap="viridis", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=units)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.fspath(path)
