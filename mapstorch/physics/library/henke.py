@@ -36,9 +36,11 @@ class HenkeTable:
     def max_z(self) -> int:
         return int(self.f2.shape[0])
 
-    def f2_at(self, z: int, energies_ev: np.ndarray) -> np.ndarray:
+    def f2_at(self, z: int, energies_ev: np.ndarray, float32_log: bool = False) -> np.ndarray:
         """f2 of element ``z`` at ``energies_ev`` by log-log interpolation, as XRF-Maps does.
 
+        ``float32_log=True`` takes the logarithm of the (float32) table values in float32, as
+        XRF-Maps' ``std::log(float)`` does (1e-8 relative), for bit-level agreement with it.
         Energies outside the grid (10 eV - 30 keV) are extrapolated from the nearest interval;
         XRF-Maps leaves the interpolation bracket unset there (undefined behaviour), so no
         reference exists to match.
@@ -53,7 +55,10 @@ class HenkeTable:
         frac = (ln_e - np.log(grid[lo])) / (np.log(grid[hi]) - np.log(grid[lo]))
         row = np.abs(self.f2[z - 1])
         with np.errstate(divide="ignore"):
-            ln_lo, ln_hi = np.log(row[lo]), np.log(row[hi])
+            ln_row = np.log(row)
+        if float32_log:  # a correctly rounded float32 log, like glibc's logf
+            ln_row = ln_row.astype(np.float32).astype(np.float64)
+        ln_lo, ln_hi = ln_row[lo], ln_row[hi]
         return np.exp(ln_lo + frac * (ln_hi - ln_lo))
 
 

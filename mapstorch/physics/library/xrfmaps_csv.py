@@ -146,7 +146,7 @@ class XrfMapsCsvSource:
         e_ev = np.asarray(energies_kev, dtype=np.float64) * 1000.0
         mass = self.atomic_mass(element_z if convention == "maps" else z_det)
         density = _MAPS_DETECTOR_DENSITY[detector]
-        f2 = self._henke.f2_at(z_det, np.maximum(e_ev, 1e-9))
+        f2 = self._henke.f2_at(z_det, np.maximum(e_ev, 1e-9), float32_log=True)
         wavelength_a = _HC_ANGSTROM_EV / np.maximum(e_ev, 1e-9)
         molecules_per_cc = density * _AVOGADRO / mass if mass > 0 else 0.0
         beta = _R_ELECTRON_CM * (1e-16 * wavelength_a**2) * molecules_per_cc / (2.0 * math.pi) * f2
