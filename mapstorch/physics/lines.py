@@ -134,6 +134,10 @@ class TorchLines:
     is_k_beta: Tensor  # float 0/1: uses KB_F_TAIL, amplitude normalised
     is_m: Tensor  # float 0/1: no tail, no normalisation
 
+    def select(self, index: Tensor) -> "TorchLines":
+        """The lines at ``index`` (a 1-D index tensor)."""
+        return TorchLines(*(getattr(self, f).index_select(0, index) for f in self.__dataclass_fields__))
+
 
 @dataclass(frozen=True, eq=False)
 class LineTable:

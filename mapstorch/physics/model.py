@@ -25,16 +25,16 @@ from torch import Tensor
 
 from mapstorch.errors import InputError
 from mapstorch.parameters.set import N_SHAPE, ParameterSet
-from mapstorch.physics.lines import LineTable
+from mapstorch.physics.lines import LineTable, TorchLines
+from mapstorch.physics.coefficients import line_coefficients
 from mapstorch.physics.profiles import Peaks, evaluate_peaks
-from mapstorch.physics.shapes import FANO_EPSILON_XRFMAPS, detector_sigma, tail
+from mapstorch.physics.shapes import FANO_EPSILON_XRFMAPS, detector_sigma
 from mapstorch.physics.spectrum import (
     ESCAPE_EDGE_KEV,
     ESCAPE_ENERGY_KEV,
     P,
     channel_energies,
     compton_energy,
-    line_weights,
 )
 
 __all__ = ["SpectrumModel", "FitWindow", "fit_window", "ELASTIC", "COMPTON"]
@@ -125,11 +125,13 @@ class SpectrumModel:
         if max_incident_energy is not None:
             keep = self.lines.gate_edge < float(max_incident_energy)
             if not bool(keep.all()):
-                self.lines = type(self.lines)(*(getattr(self.lines, f)[keep] for f in self.lines.__dataclass_fields__))
+                self.lines = self.lines.select(torch.nonzero(keep).flatten())
         self.channels = torch.arange(window.first, window.last + 1, dtype=dtype, device=self.device)
         self.n_components = len(lines.components)
         self.detector = lines.detector
         self._escape_index = P.SI_ESCAPE if self.detector == "Si" else P.GE_ESCAPE
+        k = self.n_components
+        self._scatter_rows = torch.tensor([k, k + 1, k + 1, k + 1], device=self.device)
 
     # ------------------------------------------------------------------ names
     @property
@@ -161,89 +163,72 @@ class SpectrumModel:
         return bool(torch.any(theta[..., self._escape_index] != 0))
 
     # ------------------------------------------------------------------ evaluation
-    def _peaks(self, theta: Tensor, scale: Tensor | None, escape: bool) -> tuple[Peaks, Tensor, int]:
-        """All peaks (lines, elastic, Compton core; escape copies) and the Compton high tail.
+    def _excited(self, theta: Tensor) -> TorchLines:
+        """The lines some batch member's incident energy can excite (a constant selection)."""
+        e0_max = float(theta[..., P.COHERENT_SCT_ENERGY].detach().max())
+        keep = self.lines.gate_edge < e0_max
+        if bool(keep.all()):
+            return self.lines
+        return self.lines.select(torch.nonzero(keep).flatten())
+
+    def _peaks(self, theta: Tensor, scale: Tensor | None, escape: bool) -> tuple[Peaks, Peaks, int]:
+        """All peaks: lines, elastic, Compton (Gaussian, step + low tail, mirrored high tail), and
+        their escape copies.
 
         Rows: ``scale is None`` -> components 0..K-1, elastic K, Compton K+1, and the escape
         copies in rows K+2.. (same order); otherwise every peak is multiplied by the amplitude
-        of its column and goes to row 0. Returns (peaks, hi_tail [..., rows, C], n_rows).
+        of its column and goes to row 0. Returns (line peaks, scatter peaks, number of rows).
         """
-        lines, k = self.lines, self.n_components
-        dt = theta.dtype
+        lines, k = self._excited(theta), self.n_components
         p = theta.unbind(-1)
-        gain = p[P.ENERGY_SLOPE][..., None]
-        sigma, gamma, f_step, f_tail, weight = line_weights(lines, theta, self.fano_epsilon)
-        a = weight * gain / (sigma * _SQRT_2PI)
-        b = weight * f_step * gain / (2.0 * lines.energy)
-        c = weight * f_tail * gain / (2.0 * gamma * sigma)
-        # scatter peaks: elastic; Compton Gaussian (width x FWHM_CORR); Compton step + tail
-        e0 = p[P.COHERENT_SCT_ENERGY]
-        e_c = compton_energy(theta)
-        fwhm_off, fano = p[P.FWHM_OFFSET], p[P.FWHM_FANOPRIME]
-        s0 = detector_sigma(e0, fwhm_off, fano, self.fano_epsilon)
-        s_c = detector_sigma(e_c, fwhm_off, fano, self.fano_epsilon)
+        sigma, gamma, a, b, c = line_coefficients(lines, theta, self.fano_epsilon)
+        # scatter peaks: elastic; Compton Gaussian (width x FWHM_CORR); Compton step + low tail;
+        # Compton high tail (a tail mirrored upward: negative width)
+        e0, e_c = p[P.COHERENT_SCT_ENERGY], compton_energy(theta)
+        one, zero = torch.ones_like(e0), torch.zeros_like(e0)
+        g = p[P.ENERGY_SLOPE]
         fs, ft, fh = p[P.COMPTON_F_STEP], p[P.COMPTON_F_TAIL], p[P.COMPTON_HI_F_TAIL]
-        norm = 1.0 / (1.0 + fs + ft + fh)
-        s_cg = s_c * p[P.COMPTON_FWHM_CORR]
-        g0 = gain[..., 0]
-        gamma_c = p[P.COMPTON_GAMMA]
-        one = torch.ones_like(e0)
-        zero = torch.zeros_like(e0)
-        sc_centers = torch.stack([e0, e_c, e_c], -1)
-        sc_sigma = torch.stack([s0, s_cg, s_c], -1)
-        sc_gamma = torch.stack([one, one, gamma_c], -1)
-        sc_a = torch.stack([g0 / (s0 * _SQRT_2PI), norm * g0 / (s_cg * _SQRT_2PI), zero], -1)
-        sc_b = torch.stack([zero, zero, norm * fs * g0 / (2.0 * e_c)], -1)
-        sc_c = torch.stack([zero, zero, norm * ft * g0 / (2.0 * gamma_c * s_c)], -1)
-        dev = theta.device
-        sc_rows = torch.tensor([k, k + 1, k + 1], device=dev)
-        batch = theta.shape[:-1]
-        n_l = lines.energy.shape[0]
-        centers = torch.cat([lines.energy.expand(*batch, n_l), sc_centers], -1)
-        sig = torch.cat([sigma.expand(*batch, n_l), sc_sigma], -1)
-        gam = torch.cat([gamma.expand(*batch, n_l), sc_gamma], -1)
-        pa, pb, pc = (torch.cat([u.expand(*batch, n_l), v], -1) for u, v in ((a, sc_a), (b, sc_b), (c, sc_c)))
-        rows = torch.cat([lines.component, sc_rows])
-        # Compton high-energy tail: a mirrored tail, evaluated directly on the channels
-        energies = channel_energies(self.channels, theta)
-        hi = (norm * fh)[..., None] * tail(
-            e_c[..., None] - energies, s_c[..., None], p[P.COMPTON_HI_GAMMA][..., None], gain
-        )
+        gamma_c, gamma_hi = p[P.COMPTON_GAMMA], p[P.COMPTON_HI_GAMMA]
+        norm_g = g / (1.0 + fs + ft + fh)
+        sc_centers = torch.stack([e0, e_c, e_c, e_c], -1)
+        s_base = detector_sigma(sc_centers, p[P.FWHM_OFFSET][..., None], p[P.FWHM_FANOPRIME][..., None],
+                                self.fano_epsilon)
+        sc_sigma = s_base * torch.stack([one, p[P.COMPTON_FWHM_CORR], one, -one], -1)
+        sc_gamma = torch.stack([one, one, gamma_c, gamma_hi], -1)
+        sc_a = torch.stack([g, norm_g, zero, zero], -1) / (sc_sigma * _SQRT_2PI)
+        sc_b = torch.stack([zero, zero, norm_g * fs / (2.0 * e_c), zero], -1)
+        sc_c = torch.stack([zero, zero, norm_g * ft / gamma_c, norm_g * fh / gamma_hi], -1) / (2.0 * s_base)
+        line_peaks = Peaks(lines.energy, sigma, gamma, a, b, c, lines.component)
+        scatter_peaks = Peaks(sc_centers, sc_sigma, sc_gamma, sc_a, sc_b, sc_c, self._scatter_rows)
         n_rows = k + 2
-        if scale is not None:
-            amp = scale[..., rows]
-            pa, pb, pc = pa * amp, pb * amp, pc * amp
-            hi = hi * scale[..., k + 1, None]
-            rows = torch.zeros_like(rows)
-            n_rows = 1
-            hi_rows = hi[..., None, :]
-        else:
-            hi_rows = torch.cat([hi.new_zeros(*hi.shape[:-1], k + 1, hi.shape[-1]), hi[..., None, :]], -2)
-        if escape:
-            shift = ESCAPE_ENERGY_KEV[self.detector]
-            edge = ESCAPE_EDGE_KEV[self.detector]
-            factor = p[self._escape_index][..., None]
-            gate = (centers > edge).to(dt) * factor
-            centers = torch.cat([centers, centers - shift], -1)
-            sig, gam = torch.cat([sig, sig], -1), torch.cat([gam, gam], -1)
-            pa, pb, pc = (torch.cat([u, u * gate], -1) for u in (pa, pb, pc))
-            esc_rows = rows + (n_rows if scale is None else 0)
-            rows = torch.cat([rows, esc_rows])
-            hi_shift = (norm * fh)[..., None] * tail(
-                e_c[..., None] - shift - energies, s_c[..., None], p[P.COMPTON_HI_GAMMA][..., None], gain
-            ) * (e_c > edge).to(dt)[..., None] * factor
+        out = []
+        for pk in (line_peaks, scatter_peaks):
+            rows, pa, pb, pc = pk.rows, pk.a, pk.b, pk.c
             if scale is not None:
-                hi_rows = hi_rows + (hi_shift * scale[..., k + 1, None])[..., None, :]
-            else:
-                hi_rows = torch.cat([hi_rows, torch.zeros_like(hi_rows[..., :-1, :]), hi_shift[..., None, :]], -2)
-                n_rows = 2 * n_rows
-        return Peaks(centers, sig, gam, pa, pb, pc, rows), hi_rows, n_rows
+                amp = scale[..., rows]
+                pa, pb, pc = pa * amp, pb * amp, pc * amp
+                rows = torch.zeros_like(rows)
+            centers, sig, gam = pk.centers, pk.sigma, pk.gamma
+            if escape:
+                shift = ESCAPE_ENERGY_KEV[self.detector]
+                gate = (centers > ESCAPE_EDGE_KEV[self.detector]).to(theta.dtype) * p[self._escape_index][..., None]
+                pa, pb, pc, gate = torch.broadcast_tensors(pa, pb, pc, gate)
+                centers, sig, gam = (t.expand(pa.shape) for t in (centers, sig, gam))
+                centers = torch.cat([centers, centers - shift], -1)
+                sig, gam = torch.cat([sig, sig], -1), torch.cat([gam, gam], -1)
+                pa, pb, pc = (torch.cat([u, u * gate], -1) for u in (pa, pb, pc))
+                rows = torch.cat([rows, rows + (n_rows if scale is None else 0)])
+            out.append(Peaks(centers, sig, gam, pa, pb, pc, rows))
+        if escape and scale is None:
+            n_rows = 2 * n_rows
+        return out[0], out[1], (1 if scale is not None else n_rows)
 
     def _evaluate(self, theta: Tensor, scale: Tensor | None, escape: bool) -> Tensor:
-        peaks, hi_rows, n_rows = self._peaks(theta, scale, escape)
+        lines, scatter, n_rows = self._peaks(theta, scale, escape)
         calibration = (theta[..., P.ENERGY_OFFSET], theta[..., P.ENERGY_SLOPE], theta[..., P.ENERGY_QUADRATIC])
-        out = evaluate_peaks(calibration, self.channels, peaks, n_rows, full=not self.windowed)
-        return out + hi_rows
+        out = evaluate_peaks(calibration, self.channels, lines, n_rows, full=not self.windowed)
+        # the few scatter peaks (a broad Compton peak would widen every line's window): whole range
+        return out + evaluate_peaks(calibration, self.channels, scatter, n_rows, full=True)
 
     def columns(self, theta: Tensor, with_escape: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(columns, escape_columns)``: unit-amplitude spectra ``[..., K + 2, C]`` of every

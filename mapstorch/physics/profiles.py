@@ -71,7 +71,8 @@ class Peaks:
     """Peaks to evaluate: per-peak tensors ``[..., L]`` and the output row of each (``rows [L]``).
 
     centers (keV), sigma (keV), gamma, and the prefactors ``a, b, c`` of G, S and T. Peaks whose
-    ``c`` is zero still need a positive ``gamma`` (any value).
+    ``c`` is zero still need a positive ``gamma`` (any value). A negative ``sigma`` mirrors the
+    peak, ``x = (E_l - E_c) / |sigma|`` (its tail runs upward; such a peak must have ``b = 0``).
     """
 
     centers: Tensor
@@ -237,53 +238,72 @@ class _Plan:
     pad: int  # buffer channels below the first window channel (and above the last)
     n_buf: int  # buffer length (multiple of BLOCK)
     core_start: Tensor  # [L'] buffer index of each core window
+    far_start: Tensor  # [L'] buffer index of each far window (below the core; above it if mirrored)
     core_width: int
     far_width: int
 
 
 @torch.no_grad()
-def _plan(channels: Tensor, energies: Tensor, centers: Tensor, sigma: Tensor, gamma: Tensor, full: bool) -> _Plan:
-    """Windows that cover every batch member: widths from the widest peak, starts per peak."""
+def _plan(channels: Tensor, energies: Tensor, centers: Tensor, sigma: Tensor, gamma: Tensor, has_tail: Tensor,
+          full: bool) -> _Plan:
+    """Windows that cover every batch member: widths from the widest peak, starts per peak.
+
+    A peak with negative ``sigma`` is mirrored (its tail runs upward): its core window reaches
+    ``x_hi`` below the centre and ``x_c`` above, and its far window lies above the core.
+    """
     n_ch = channels.shape[0]
     n_pad = (n_ch + BLOCK - 1) // BLOCK * BLOCK
     n_lines = centers.shape[-1]
+    device = channels.device
     flat_e = energies.reshape(-1, n_ch)
     steps = torch.diff(flat_e, dim=-1)
     rows_b = torch.broadcast_shapes(energies.shape[:-1], centers.shape[:-1])
     if full or n_ch <= 4 * BLOCK or not bool((steps > 0).all()):
-        start = torch.zeros(n_lines, dtype=torch.int64, device=channels.device)
-        return _Plan(None, 0, n_pad, start, n_pad, 0)
+        start = torch.zeros(n_lines, dtype=torch.int64, device=device)
+        return _Plan(None, 0, n_pad, start, start, n_pad, 0)
     lim = _limits(channels.dtype)
     gain = steps.min()  # narrowest channel (keV)
     gm = gamma.reshape(-1, n_lines)
     s = sigma.reshape(-1, n_lines)
-    x_c = torch.clamp(math.sqrt(2.0) * lim.u_c + 1.0 / gm, min=lim.x_hi)  # core reaches down to -x_c
-    x_lo = torch.maximum(x_c, lim.ln_tol * gm + 0.5 / gm)  # far window reaches down to -x_lo
-    below = torch.ceil((x_c * s).amax(0) / gain)  # core channels below a center
-    above = torch.ceil((lim.x_hi * s).amax(0) / gain)
+    mirrored = (s < 0).any(0)
+    s = s.abs()
+    x_c = torch.clamp(math.sqrt(2.0) * lim.u_c + 1.0 / gm, min=lim.x_hi)  # core reaches x_c into the tail
+    x_lo = torch.maximum(x_c, lim.ln_tol * gm + 0.5 / gm)  # far window reaches x_lo into the tail
+    x_c = torch.where(has_tail, x_c, torch.full_like(x_c, lim.x_hi))  # no tail: Gaussian and step only
+    x_lo = torch.where(has_tail, x_lo, x_c)
+    tail_side = torch.ceil((x_c * s).amax(0) / gain)  # core channels on the tail side of a centre
+    other_side = torch.ceil((lim.x_hi * s).amax(0) / gain)
     far = torch.ceil(((x_lo - x_c) * s).amax(0) / gain)
+    below = torch.where(mirrored, other_side, tail_side)
+    above = torch.where(mirrored, tail_side, other_side)
     c_flat = centers.expand(*rows_b, n_lines).reshape(-1, n_lines).contiguous()
     e_flat = energies.expand(*rows_b, n_ch).reshape(-1, n_ch).contiguous()
     pos = torch.searchsorted(e_flat, c_flat).to(channels.dtype)  # [B, L]
     lo = pos.amin(0) - below - 1
     hi = pos.amax(0) + above + 1
-    keep_mask = hi >= 0  # peaks entirely below the range contribute nothing there
+    # a peak entirely below the range (or, mirrored, entirely above it) adds nothing there
+    keep_mask = torch.where(mirrored, lo <= n_ch, hi >= 0)
     if not bool(keep_mask.any()):
         keep_mask[:] = True
     core_width = int(((hi - lo)[keep_mask].max().item()) + 2 * BLOCK - 1) // BLOCK * BLOCK
     far_width = int(far[keep_mask].max().item() + BLOCK - 1) // BLOCK * BLOCK
     if core_width + far_width >= 0.75 * n_pad:
-        start = torch.zeros(n_lines, dtype=torch.int64, device=channels.device)
-        return _Plan(None, 0, n_pad, start, n_pad, 0)
+        start = torch.zeros(n_lines, dtype=torch.int64, device=device)
+        return _Plan(None, 0, n_pad, start, start, n_pad, 0)
     pad = core_width + far_width
     n_buf = pad + n_pad + pad
     lo_block = torch.div(lo.to(torch.int64) + pad, BLOCK, rounding_mode="floor") * BLOCK
-    core_start = torch.clamp(lo_block, min=far_width, max=n_buf - core_width)
+    core_start = torch.where(
+        mirrored,
+        torch.clamp(lo_block, min=0, max=n_buf - core_width - far_width),
+        torch.clamp(lo_block, min=far_width, max=n_buf - core_width),
+    )
+    far_start = torch.where(mirrored, core_start + core_width, core_start - far_width)
     keep = None
     if not bool(keep_mask.all()):
         keep = torch.nonzero(keep_mask).flatten()
-        core_start = core_start[keep]
-    return _Plan(keep, pad, n_buf, core_start, core_width, far_width)
+        core_start, far_start = core_start[keep], far_start[keep]
+    return _Plan(keep, pad, n_buf, core_start, far_start, core_width, far_width)
 
 
 def _block_rows(rows: Tensor, start: Tensor, n_blocks: int, blocks_per_row: int) -> Tensor:
@@ -298,12 +318,16 @@ def evaluate_peaks(
     peaks: Peaks,
     n_out: int,
     full: bool = False,
+    max_elements: int = 1 << 22,
 ) -> Tensor:
     """Sum of peak profiles added into ``n_out`` rows over the channels; ``[..., n_out, C]``.
 
     calibration : (offset, slope, quadratic) ``[...]``; channels : ``[C]`` absolute channel
     numbers (float); peaks : see :class:`Peaks`. ``full=True`` evaluates every peak on every
-    channel (no windows; for checks).
+    channel (no windows; for a few peaks, and for checks). Windows have one width for all peaks,
+    so evaluate peaks of very different widths (lines and a broad Compton peak) in separate
+    calls. Large batches are evaluated in chunks of about ``max_elements`` window channels, so
+    memory stays bounded.
     """
     offset, slope, quad = calibration
     per_peak = (peaks.centers, peaks.sigma, peaks.gamma, peaks.a, peaks.b, peaks.c)
@@ -312,6 +336,9 @@ def evaluate_peaks(
     n_lines = peaks.centers.shape[-1]
     rows = peaks.rows
     per_peak = tuple(t.expand(*batch, n_lines) for t in per_peak)
+    cal = (offset.expand(batch), slope.expand(batch), quad.expand(batch))
+    if n_lines == 0:
+        return cal[0].new_zeros(*batch, n_out, n_ch) + 0.0 * sum(t.sum() for t in cal)
     # peaks that are zero for every batch member (gated off, zero amplitude) are skipped
     with torch.no_grad():
         live = ((per_peak[3] != 0) | (per_peak[4] != 0) | (per_peak[5] != 0)).reshape(-1, n_lines).any(0)
@@ -320,37 +347,59 @@ def evaluate_peaks(
         per_peak = tuple(t[..., idx] for t in per_peak)
         rows = rows[idx]
         n_lines = int(idx.numel())
-    energies = offset[..., None] + channels * (slope[..., None] + quad[..., None] * channels)
     if n_lines == 0:
-        return energies.new_zeros(*batch, n_out, n_ch) + 0.0 * sum(t.sum() for t in per_peak)
-    plan = _plan(channels, energies, per_peak[0], per_peak[1], per_peak[2], full)
-    if plan.keep is not None:
-        per_peak = tuple(t[..., plan.keep] for t in per_peak)
-        rows = rows[plan.keep]
+        zero = sum(t.sum() for t in per_peak) * 0.0
+        return cal[0].new_zeros(*batch, n_out, n_ch) + zero
+    n_batch = math.prod(batch)
+    per_spectrum = n_lines * min(n_ch, 512)
+    if n_batch > 1 and n_batch * per_spectrum > max_elements:
+        chunk = max(1, max_elements // per_spectrum)
+        flat_cal = tuple(t.reshape(n_batch) for t in cal)
+        flat_peak = tuple(t.reshape(n_batch, n_lines) for t in per_peak)
+        parts = []
+        for i in range(0, n_batch, chunk):
+            sl = slice(i, i + chunk)
+            sub = Peaks(*(t[sl] for t in flat_peak), rows)
+            parts.append(evaluate_peaks(tuple(t[sl] for t in flat_cal), channels, sub, n_out, full, max_elements))
+        return torch.cat(parts, 0).reshape(*batch, n_out, n_ch)
+    energies = cal[0][..., None] + channels * (cal[1][..., None] + cal[2][..., None] * channels)
+    return _evaluate_group(cal, channels, energies, per_peak, rows, n_out, full)
+
+
+def _evaluate_group(cal, channels, energies, per_peak, rows, n_out: int, full: bool) -> Tensor:
+    """Windows, fused evaluation and accumulation of one group of peaks (see evaluate_peaks)."""
+    offset, slope, quad = cal
+    batch = offset.shape
+    n_ch = channels.shape[0]
     centers, sigma, gamma, a, b, c = per_peak
+    with torch.no_grad():
+        has_tail = (c != 0).reshape(-1, c.shape[-1]).any(0)
+    plan = _plan(channels, energies, centers, sigma, gamma, has_tail, full)
+    if plan.keep is not None:
+        centers, sigma, gamma, a, b, c = (t[..., plan.keep] for t in (centers, sigma, gamma, a, b, c))
+        rows = rows[plan.keep]
     n_kept = rows.shape[0]
     lim = _limits(channels.dtype)
     need_step = bool(torch.any(b != 0))  # b = 0 exactly when the step fractions are 0 (zero gradient there too)
     need_quad = bool(quad.requires_grad) or bool(torch.any(quad != 0))
     stable = bool(torch.any(gamma < lim.gamma_safe))
-    cal = (offset.expand(batch), slope.expand(batch), quad.expand(batch))
     inv_sigma, inv_gamma = 1.0 / sigma, 1.0 / gamma
     origin = channels[0] - plan.pad  # channel number of buffer index 0
     offs = torch.arange(plan.core_width, device=channels.device, dtype=channels.dtype)
     chan = origin + plan.core_start.to(channels.dtype)[:, None] + offs[None, :]
-    core = _CoreProfiles.apply(*cal, chan, centers, inv_sigma, a, b, c, inv_gamma, (need_step, need_quad, stable))
+    core = _CoreProfiles.apply(offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma,
+                               (need_step, need_quad, stable))
     blocks_per_row = plan.n_buf // BLOCK
     buf = core.new_zeros(*batch, n_out * blocks_per_row, BLOCK)
     nb = plan.core_width // BLOCK
     buf = buf.index_add(-2, _block_rows(rows, plan.core_start, nb, blocks_per_row),
                         core.reshape(*batch, n_kept * nb, BLOCK))
     if plan.far_width:
-        far_start = plan.core_start - plan.far_width
         offs = torch.arange(plan.far_width, device=channels.device, dtype=channels.dtype)
-        chan_far = origin + far_start.to(channels.dtype)[:, None] + offs[None, :]
-        far = _FarTails.apply(*cal, chan_far, centers, inv_sigma, c, inv_gamma, need_quad)
+        chan_far = origin + plan.far_start.to(channels.dtype)[:, None] + offs[None, :]
+        far = _FarTails.apply(offset, slope, quad, chan_far, centers, inv_sigma, c, inv_gamma, need_quad)
         nbf = plan.far_width // BLOCK
-        buf = buf.index_add(-2, _block_rows(rows, far_start, nbf, blocks_per_row),
+        buf = buf.index_add(-2, _block_rows(rows, plan.far_start, nbf, blocks_per_row),
                             far.reshape(*batch, n_kept * nbf, BLOCK))
     out = buf.reshape(*batch, n_out, plan.n_buf)[..., plan.pad : plan.pad + n_ch]
     if need_step and (plan.pad > 0 or bool((plan.core_start > 0).any())):
