@@ -171,13 +171,13 @@ class SpectrumModel:
             return self.lines
         return self.lines.select(torch.nonzero(keep).flatten())
 
-    def _peaks(self, theta: Tensor, scale: Tensor | None, escape: bool) -> tuple[Peaks, Peaks, int]:
+    def _peaks(self, theta: Tensor, scale: Tensor | None, escape: bool) -> tuple[Peaks, int]:
         """All peaks: lines, elastic, Compton (Gaussian, step + low tail, mirrored high tail), and
         their escape copies.
 
         Rows: ``scale is None`` -> components 0..K-1, elastic K, Compton K+1, and the escape
         copies in rows K+2.. (same order); otherwise every peak is multiplied by the amplitude
-        of its column and goes to row 0. Returns (line peaks, scatter peaks, number of rows).
+        of its column and goes to row 0. Returns (peaks, number of rows).
         """
         lines, k = self._excited(theta), self.n_components
         p = theta.unbind(-1)
@@ -202,7 +202,7 @@ class SpectrumModel:
         scatter_peaks = Peaks(sc_centers, sc_sigma, sc_gamma, sc_a, sc_b, sc_c, self._scatter_rows)
         n_rows = k + 2
         out = []
-        for pk in (line_peaks, scatter_peaks):
+        for pk in (_concat(line_peaks, scatter_peaks),):
             rows, pa, pb, pc = pk.rows, pk.a, pk.b, pk.c
             if scale is not None:
                 amp = scale[..., rows]
@@ -221,14 +221,12 @@ class SpectrumModel:
             out.append(Peaks(centers, sig, gam, pa, pb, pc, rows))
         if escape and scale is None:
             n_rows = 2 * n_rows
-        return out[0], out[1], (1 if scale is not None else n_rows)
+        return out[0], (1 if scale is not None else n_rows)
 
     def _evaluate(self, theta: Tensor, scale: Tensor | None, escape: bool) -> Tensor:
-        lines, scatter, n_rows = self._peaks(theta, scale, escape)
+        peaks, n_rows = self._peaks(theta, scale, escape)
         calibration = (theta[..., P.ENERGY_OFFSET], theta[..., P.ENERGY_SLOPE], theta[..., P.ENERGY_QUADRATIC])
-        out = evaluate_peaks(calibration, self.channels, lines, n_rows, full=not self.windowed)
-        # the few scatter peaks (a broad Compton peak would widen every line's window): whole range
-        return out + evaluate_peaks(calibration, self.channels, scatter, n_rows, full=True)
+        return evaluate_peaks(calibration, self.channels, peaks, n_rows, full=not self.windowed)
 
     def columns(self, theta: Tensor, with_escape: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(columns, escape_columns)``: unit-amplitude spectra ``[..., K + 2, C]`` of every
@@ -311,3 +309,13 @@ class SpectrumModel:
             f"{self.dtype}, {self.device})"
         )
 
+
+
+def _concat(first: Peaks, second: Peaks) -> Peaks:
+    """Two peak sets as one (per-peak tensors broadcast to a common batch shape)."""
+    parts = []
+    for name in ("centers", "sigma", "gamma", "a", "b", "c"):
+        u, v = getattr(first, name), getattr(second, name)
+        batch = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
+        parts.append(torch.cat([u.expand(*batch, u.shape[-1]), v.expand(*batch, v.shape[-1])], -1))
+    return Peaks(*parts, torch.cat([first.rows, second.rows]))

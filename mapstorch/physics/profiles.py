@@ -36,9 +36,11 @@ subnormal (subnormals are slow and the values are far below tolerance).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,24 +86,49 @@ class Peaks:
     rows: Tensor
 
 
-def _energy_offset(chan: Tensor, offset: Tensor, slope: Tensor, quad: Tensor | None, centers: Tensor) -> Tensor:
-    """``E_c - E_l`` on windows: chan ``[L, W]``; calibration ``[...]``; centers ``[..., L]``."""
-    d = chan * slope[..., None, None] + (offset[..., None] - centers)[..., None]
+def _scaled_offset(chan: Tensor, offset: Tensor, slope: Tensor, quad: Tensor | None, centers: Tensor,
+                   scale: Tensor) -> Tensor:
+    """``scale (E_c - E_l)`` on windows, as one or two fused multiply-adds.
+
+    chan ``[L, W]``; calibration ``[...]``; centers and scale ``[..., L]``. Returns ``[..., L, W]``.
+    """
+    alpha = (slope[..., None] * scale)[..., None]
+    beta = ((offset[..., None] - centers) * scale)[..., None]
+    x = torch.addcmul(beta, chan, alpha)
     if quad is not None:
-        d = d + (chan * chan) * quad[..., None, None]
-    return d
+        x = x.addcmul_(chan * chan, (quad[..., None] * scale)[..., None])
+    return x
 
 
-def _calibration_grads(gd: Tensor, chan: Tensor, needs: tuple[bool, bool, bool]) -> list:
-    """Gradients of offset, slope, quadratic from ``gd = dL/dE_c`` on windows ``[..., L, W]``."""
-    out = [None, None, None]
-    if needs[0]:
-        out[0] = gd.sum((-1, -2))
-    if needs[1] or needs[2]:
-        gdc = gd * chan
-        out[1] = gdc.sum((-1, -2)) if needs[1] else None
-        if needs[2]:
-            out[2] = (gdc * chan).sum((-1, -2))
+@functools.lru_cache(maxsize=64)
+def _powers(width: int, order: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[W, order + 1]`` matrix of ``w^k``."""
+    w = torch.arange(width, dtype=torch.float64, device=device)
+    return torch.stack([w**k for k in range(order + 1)], -1).to(dtype)
+
+
+def _window_moments(v: Tensor, chan: Tensor, order: int) -> Tensor:
+    """``sum_w v chan^k`` for k = 0..order, per peak: ``[..., L, order + 1]``.
+
+    A window's channels are ``start_l + w``; one matrix product gives ``sum_w v w^k`` and the
+    binomial expansion shifts them to ``start_l``.
+    """
+    m = v @ _powers(chan.shape[-1], order, v.dtype, v.device)  # [..., L, order + 1]
+    s = chan[:, 0]
+    if order == 0:
+        return m
+    out = [m[..., 0], s * m[..., 0] + m[..., 1]]
+    if order == 2:
+        out.append(s * s * m[..., 0] + 2.0 * s * m[..., 1] + m[..., 2])
+    return torch.stack(out, -1)
+
+
+def _calibration_grads(per_peak_scale: Tensor, moments: Tensor, needs: tuple[bool, bool, bool]) -> list:
+    """Gradients of offset, slope, quadratic: ``sum_l scale_l sum_w v chan^k`` for k = 0, 1, 2."""
+    out: list = [None, None, None]
+    for k in range(3):
+        if needs[k]:
+            out[k] = (per_peak_scale * moments[..., k]).sum(-1)
     return out
 
 
@@ -117,64 +144,64 @@ class _CoreProfiles(torch.autograd.Function):
     def forward(ctx, offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma, flags):
         need_step, need_quad, stable = flags
         lim = _limits(chan.dtype)
-        d = _energy_offset(chan, offset, slope, quad if need_quad else None, centers)
-        isg = inv_sigma[..., None]
-        x = d * isg
+        x = _scaled_offset(chan, offset, slope, quad if need_quad else None, centers, inv_sigma)
         ig = inv_gamma[..., None]
-        g = torch.exp(torch.clamp((x * x) * -0.5, min=lim.exp_floor))
-        out = a[..., None] * g
+        g = torch.square(x).mul_(-0.5).clamp_(min=lim.exp_floor).exp_()
+        out = g * a[..., None]
         s = None
         if need_step:
             s = torch.erfc(x * _INV_SQRT_2)
-            out = out + b[..., None] * s
-        u = (x + ig) * _INV_SQRT_2
-        e_arg = torch.clamp(torch.clamp(x, max=0.0) * ig + (0.5 * ig * ig), min=lim.exp_floor)
+            out.addcmul_(s, b[..., None])
+        u = torch.add(ig * _INV_SQRT_2, x, alpha=_INV_SQRT_2)
+        e_arg = torch.addcmul(0.5 * ig * ig, torch.clamp(x, max=0.0), ig).clamp_(min=lim.exp_floor)
         if stable:
-            h = g * torch.exp(torch.clamp(torch.relu(x) * -ig, min=lim.exp_floor))
+            h = g * torch.relu(x).mul_(-ig).clamp_(min=lim.exp_floor).exp_()
             scaled = h * torch.special.erfcx(u.abs())
             t = torch.where(u < 0, 2.0 * torch.exp(torch.clamp(e_arg, max=0.0)) - scaled, scaled)
         else:
-            t = torch.exp(e_arg) * torch.erfc(u)
-        out = out + c[..., None] * t
+            t = e_arg.exp_().mul_(torch.erfc(u))
+        out.addcmul_(t, c[..., None])
         ctx.flags = flags
         ctx.save_for_backward(offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma,
-                              g, s if s is not None else g, t)
+                              x, g, s if s is not None else g, t)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma, g, s, t = ctx.saved_tensors
+        offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma, x, g, s, t = ctx.saved_tensors
         need_step, need_quad, _ = ctx.flags
         needs = ctx.needs_input_grad
         lim = _limits(chan.dtype)
-        d = _energy_offset(chan, offset, slope, quad if need_quad else None, centers)
-        isg = inv_sigma[..., None]
-        x = d * isg
         ig = inv_gamma[..., None]
-        h = g * torch.exp(torch.clamp(torch.relu(x) * -ig, min=lim.exp_floor))
         cc = c[..., None]
-        neg = (x < 0).to(x.dtype)
-        dx = (cc * ig) * (t * neg) - (a[..., None] * x) * g - (cc * _SQRT_2_OVER_PI) * h  # d prof / d x
+        h = g * torch.relu(x).mul_(-ig).clamp_(min=lim.exp_floor).exp_()
+        x_neg = torch.clamp(x, max=0.0)
+        # d prof / d x = c/gamma T [x < 0] - a x G - b sqrt(2/pi) G - c sqrt(2/pi) H
+        dx = (t * (x_neg < 0)).mul_(cc * ig)
+        ax = x * a[..., None]
         if need_step:
-            dx = dx - (b[..., None] * _SQRT_2_OVER_PI) * g
-        gx = grad * dx
+            ax.add_((b * _SQRT_2_OVER_PI)[..., None])
+        dx.sub_(ax.mul_(g)).addcmul_(h, cc, value=-_SQRT_2_OVER_PI)
+        gx = dx.mul_(grad)
         out: list = [None] * 11
         if needs[0] or needs[1] or needs[2] or needs[4]:
-            gd = gx * isg  # d loss / d E_c
-            out[0:3] = _calibration_grads(gd, chan, needs[0:3])
+            mom = _window_moments(gx, chan, 2 if (needs[2] or need_quad) else 1)  # sum_w gx chan^k
+            out[0:3] = _calibration_grads(inv_sigma, mom, needs[0:3])
             if needs[4]:
-                out[4] = -gd.sum(-1)
+                out[4] = -inv_sigma * mom[..., 0]
         if needs[5]:
-            out[5] = (gx * d).sum(-1)
+            out[5] = torch.einsum("...w,...w->...", gx, x) / inv_sigma
         if needs[6]:
-            out[6] = (grad * g).sum(-1)
+            out[6] = torch.einsum("...w,...w->...", grad, g)
         if needs[7] and need_step:
-            out[7] = (grad * s).sum(-1)
+            out[7] = torch.einsum("...w,...w->...", grad, s)
+        gt = torch.einsum("...w,...w->...", grad, t) if (needs[8] or needs[9]) else None
         if needs[8]:
-            out[8] = (grad * t).sum(-1)
-        if needs[9]:
-            dt_dig = (torch.clamp(x, max=0.0) + ig) * t - _SQRT_2_OVER_PI * h
-            out[9] = (grad * cc * dt_dig).sum(-1)
+            out[8] = gt
+        if needs[9]:  # d T / d (1/gamma) = (min(x, 0) + 1/gamma) T - sqrt(2/pi) H
+            gtx = torch.einsum("...w,...w,...w->...", grad, t, x_neg)
+            gh = torch.einsum("...w,...w->...", grad, h)
+            out[9] = c * (gtx + inv_gamma * gt - _SQRT_2_OVER_PI * gh)
         return tuple(out)
 
 
@@ -190,33 +217,26 @@ class _FarTails(torch.autograd.Function):
     def forward(ctx, offset, slope, quad, chan, centers, inv_sigma, c, inv_gamma, need_quad):
         lim = _limits(chan.dtype)
         kappa = inv_sigma * inv_gamma  # [..., L]
-        const = (offset[..., None] - centers) * kappa + 0.5 * inv_gamma * inv_gamma
-        arg = chan * (slope[..., None] * kappa)[..., None] + const[..., None]
-        if need_quad:
-            arg = arg + (chan * chan) * (quad[..., None] * kappa)[..., None]
-        t = torch.exp(torch.clamp(arg, min=lim.exp_floor))
+        arg = _scaled_offset(chan, offset, slope, quad if need_quad else None, centers, kappa)
+        # x < 0 on a far window; the upper clamp only guards windows of peaks far outside the range
+        arg = arg.clamp_(max=0.0).add_((0.5 * inv_gamma * inv_gamma)[..., None])
+        t = arg.clamp_(min=lim.exp_floor).exp_()
         ctx.need_quad = need_quad
         ctx.save_for_backward(offset, slope, quad, chan, centers, inv_sigma, c, inv_gamma, t)
-        return (2.0 * c)[..., None] * t
+        return t * (2.0 * c)[..., None]
 
     @staticmethod
     def backward(ctx, grad):
         offset, slope, quad, chan, centers, inv_sigma, c, inv_gamma, t = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        gt = grad * t
-        s0 = 2.0 * gt.sum(-1)  # [..., L]: sum_w grad dT/dc
-        gtc = gt * chan
-        s1 = 2.0 * gtc.sum(-1)
-        s2 = 2.0 * (gtc * chan).sum(-1) if (ctx.need_quad or needs[2]) else None
+        order = 2 if (ctx.need_quad or needs[2]) else 1
+        mom = 2.0 * _window_moments(grad * t, chan, order)  # sum_w grad dprof/dc chan^k
+        s0, s1 = mom[..., 0], mom[..., 1]
+        s2 = mom[..., 2] if order == 2 else None
         kappa = inv_sigma * inv_gamma
         ck = c * kappa  # d(prof)/d(E_c) = c kappa T (per unit T)
         out: list = [None] * 9
-        if needs[0]:
-            out[0] = (ck * s0).sum(-1)
-        if needs[1]:
-            out[1] = (ck * s1).sum(-1)
-        if needs[2]:
-            out[2] = (ck * s2).sum(-1)
+        out[0:3] = _calibration_grads(ck, mom, needs[0:3])
         if needs[4]:
             out[4] = -ck * s0
         if needs[5] or needs[7]:
@@ -234,80 +254,124 @@ class _FarTails(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class _Plan:
-    keep: Tensor | None  # peaks that can touch the channel range (None: all)
-    pad: int  # buffer channels below the first window channel (and above the last)
-    n_buf: int  # buffer length (multiple of BLOCK)
-    core_start: Tensor  # [L'] buffer index of each core window
-    far_start: Tensor  # [L'] buffer index of each far window (below the core; above it if mirrored)
+    """Where every peak is evaluated, in a buffer of ``n_buf`` channels whose index ``pad`` is the
+    first channel of the range. A peak gets one or more core windows of ``core_width`` channels
+    (``core_peak[i]`` is the peak of window ``i``, ``core_start[i]`` its first buffer index) and
+    zero or more far windows of ``far_width`` channels; its step plateau starts below
+    ``step_start``. ``keep`` lists the peaks that can touch the range (``None``: all)."""
+
+    keep: Tensor | None
+    pad: int
+    n_buf: int
     core_width: int
+    core_peak: Tensor | None  # None: window i belongs to peak i
+    core_start: Tensor
     far_width: int
+    far_peak: Tensor
+    far_start: Tensor
+    step_start: Tensor
+
+
+def _pick_width(needs: np.ndarray) -> int:
+    """A window width (multiple of BLOCK) that keeps the total evaluated channels small."""
+    if needs.size == 0 or needs.max() <= 0:
+        return 0
+    ordered = np.sort(needs)
+    picks = (ordered[int(q * (ordered.size - 1))] for q in (0.5, 0.75, 0.9, 1.0))
+    cands = {int(np.ceil(v / BLOCK)) * BLOCK for v in picks}
+    cands.discard(0)
+
+    def cost(w: int) -> float:  # channels evaluated, plus the per-window bookkeeping
+        pieces = np.ceil(needs / w)
+        return float((pieces * w).sum() + 8 * BLOCK * pieces.sum())
+
+    return min(sorted(cands), key=cost)
+
+
+def _full_plan(n_lines: int, n_pad: int, device) -> _Plan:
+    zeros = torch.zeros(n_lines, dtype=torch.int64, device=device)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    return _Plan(None, 0, n_pad, n_pad, None, zeros, 0, empty, empty, zeros)
 
 
 @torch.no_grad()
 def _plan(channels: Tensor, energies: Tensor, centers: Tensor, sigma: Tensor, gamma: Tensor, has_tail: Tensor,
           full: bool) -> _Plan:
-    """Windows that cover every batch member: widths from the widest peak, starts per peak.
+    """Windows that cover every batch member (see :class:`_Plan`); planned on the host in numpy.
 
     A peak with negative ``sigma`` is mirrored (its tail runs upward): its core window reaches
-    ``x_hi`` below the centre and ``x_c`` above, and its far window lies above the core.
+    ``x_hi`` below the centre and ``x_c`` above, and its far windows lie above the core.
     """
     n_ch = channels.shape[0]
     n_pad = (n_ch + BLOCK - 1) // BLOCK * BLOCK
     n_lines = centers.shape[-1]
     device = channels.device
-    flat_e = energies.reshape(-1, n_ch)
-    steps = torch.diff(flat_e, dim=-1)
-    rows_b = torch.broadcast_shapes(energies.shape[:-1], centers.shape[:-1])
-    if full or n_ch <= 4 * BLOCK or not bool((steps > 0).all()):
-        start = torch.zeros(n_lines, dtype=torch.int64, device=device)
-        return _Plan(None, 0, n_pad, start, start, n_pad, 0)
+    e = energies.reshape(-1, n_ch).double().cpu().numpy()
+    steps = np.diff(e, axis=-1)
+    if full or n_ch <= 4 * BLOCK or not (steps > 0).all():
+        return _full_plan(n_lines, n_pad, device)
     lim = _limits(channels.dtype)
-    gain = steps.min()  # narrowest channel (keV)
-    gm = gamma.reshape(-1, n_lines)
-    s = sigma.reshape(-1, n_lines)
-    mirrored = (s < 0).any(0)
-    s = s.abs()
-    x_c = torch.clamp(math.sqrt(2.0) * lim.u_c + 1.0 / gm, min=lim.x_hi)  # core reaches x_c into the tail
-    x_lo = torch.maximum(x_c, lim.ln_tol * gm + 0.5 / gm)  # far window reaches x_lo into the tail
-    x_c = torch.where(has_tail, x_c, torch.full_like(x_c, lim.x_hi))  # no tail: Gaussian and step only
-    x_lo = torch.where(has_tail, x_lo, x_c)
-    tail_side = torch.ceil((x_c * s).amax(0) / gain)  # core channels on the tail side of a centre
-    other_side = torch.ceil((lim.x_hi * s).amax(0) / gain)
-    far = torch.ceil(((x_lo - x_c) * s).amax(0) / gain)
-    below = torch.where(mirrored, other_side, tail_side)
-    above = torch.where(mirrored, tail_side, other_side)
-    c_flat = centers.expand(*rows_b, n_lines).reshape(-1, n_lines).contiguous()
-    e_flat = energies.expand(*rows_b, n_ch).reshape(-1, n_ch).contiguous()
-    pos = torch.searchsorted(e_flat, c_flat).to(channels.dtype)  # [B, L]
-    lo = pos.amin(0) - below - 1
-    hi = pos.amax(0) + above + 1
-    # a peak entirely below the range (or, mirrored, entirely above it) adds nothing there
-    keep_mask = torch.where(mirrored, lo <= n_ch, hi >= 0)
-    if not bool(keep_mask.any()):
+    gain = float(steps.min())  # narrowest channel (keV)
+    sig = sigma.reshape(-1, n_lines).double().cpu().numpy()
+    mirrored = (sig < 0).any(0)
+    s = np.abs(sig).max(0)
+    gm = gamma.reshape(-1, n_lines).double().cpu().numpy().max(0)
+    tail = has_tail.cpu().numpy()
+    with np.errstate(divide="ignore"):
+        x_c = np.where(tail, np.maximum(math.sqrt(2.0) * lim.u_c + 1.0 / gm, lim.x_hi), lim.x_hi)
+        x_lo = np.where(tail, np.maximum(x_c, lim.ln_tol * gm + 0.5 / gm), x_c)
+    tail_side = np.ceil(x_c * s / gain)  # core channels on the tail side of a centre
+    other_side = np.ceil(lim.x_hi * s / gain)
+    far_need = np.ceil((x_lo - x_c) * s / gain)
+    below = np.where(mirrored, other_side, tail_side)
+    above = np.where(mirrored, tail_side, other_side)
+    c = centers.reshape(-1, n_lines).double().cpu().numpy()
+    rows_e, rows_c = e.shape[0], c.shape[0]
+    pos = np.stack([np.searchsorted(e[i % rows_e], c[i % rows_c]) for i in range(max(rows_e, rows_c))])
+    lo = pos.min(0) - below - 1
+    hi = pos.max(0) + above + 1
+    # a peak wholly outside the range on its clean side adds nothing (positions from searchsorted
+    # are clipped to the range, so decide on energies)
+    e_first, e_last = float(e[:, 0].min()), float(e[:, -1].max())
+    keep_mask = np.where(mirrored, c.min(0) - lim.x_hi * s <= e_last + gain, c.max(0) + lim.x_hi * s >= e_first - gain)
+    if not keep_mask.any():
         keep_mask[:] = True
-    core_width = int(((hi - lo)[keep_mask].max().item()) + 2 * BLOCK - 1) // BLOCK * BLOCK
-    far_width = int(far[keep_mask].max().item() + BLOCK - 1) // BLOCK * BLOCK
-    if core_width + far_width >= 0.75 * n_pad:
-        start = torch.zeros(n_lines, dtype=torch.int64, device=device)
-        return _Plan(None, 0, n_pad, start, start, n_pad, 0)
-    pad = core_width + far_width
+    kept = np.nonzero(keep_mask)[0]
+    lo, hi, far_need, mirrored = lo[kept], hi[kept], far_need[kept], mirrored[kept]
+    core_need = hi - lo + BLOCK  # room to round each start down to a block
+    core_width = _pick_width(core_need)
+    far_width = _pick_width(far_need)
+    n_core = np.ceil(core_need / core_width).astype(np.int64)
+    n_far = np.ceil(far_need / far_width).astype(np.int64) if far_width else np.zeros_like(n_core)
+    total = (n_core * core_width).sum() + (n_far * far_width).sum()
+    if total >= 0.75 * len(kept) * n_pad:
+        return _full_plan(n_lines, n_pad, device)
+    pad = int((n_core * core_width + n_far * far_width).max())
     n_buf = pad + n_pad + pad
-    lo_block = torch.div(lo.to(torch.int64) + pad, BLOCK, rounding_mode="floor") * BLOCK
-    core_start = torch.where(
-        mirrored,
-        torch.clamp(lo_block, min=0, max=n_buf - core_width - far_width),
-        torch.clamp(lo_block, min=far_width, max=n_buf - core_width),
+    first = np.floor((lo + pad) / BLOCK).astype(np.int64) * BLOCK
+    core_extent, far_extent = n_core * core_width, n_far * far_width
+    first = np.where(mirrored, np.clip(first, 0, n_buf - core_extent - far_extent),
+                     np.clip(first, far_extent, n_buf - core_extent))
+    core_peak = np.repeat(np.arange(len(kept)), n_core)
+    core_start = first[core_peak] + (np.arange(core_peak.size) - np.repeat(np.cumsum(n_core) - n_core, n_core)) * core_width
+    far_peak = np.repeat(np.arange(len(kept)), n_far)
+    j = np.arange(far_peak.size) - np.repeat(np.cumsum(n_far) - n_far, n_far)
+    far_start = np.where(mirrored[far_peak], (first + core_extent)[far_peak] + j * far_width,
+                         first[far_peak] - (j + 1) * far_width)
+
+    def t(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64, device=device)
+
+    identity = core_peak.size == len(kept)
+    return _Plan(
+        keep=None if keep_mask.all() else t(kept), pad=pad, n_buf=n_buf, core_width=core_width,
+        core_peak=None if identity else t(core_peak), core_start=t(core_start), far_width=far_width,
+        far_peak=t(far_peak), far_start=t(far_start), step_start=t(first),
     )
-    far_start = torch.where(mirrored, core_start + core_width, core_start - far_width)
-    keep = None
-    if not bool(keep_mask.all()):
-        keep = torch.nonzero(keep_mask).flatten()
-        core_start, far_start = core_start[keep], far_start[keep]
-    return _Plan(keep, pad, n_buf, core_start, far_start, core_width, far_width)
 
 
 def _block_rows(rows: Tensor, start: Tensor, n_blocks: int, blocks_per_row: int) -> Tensor:
-    """Buffer block index of every block of every window: ``[L * n_blocks]``."""
+    """Buffer block index of every block of every window: ``[N * n_blocks]``."""
     first = rows * blocks_per_row + torch.div(start, BLOCK, rounding_mode="floor")
     return (first[:, None] + torch.arange(n_blocks, device=rows.device)[None, :]).reshape(-1)
 
@@ -318,16 +382,15 @@ def evaluate_peaks(
     peaks: Peaks,
     n_out: int,
     full: bool = False,
-    max_elements: int = 1 << 22,
+    max_elements: int = 1 << 23,
 ) -> Tensor:
     """Sum of peak profiles added into ``n_out`` rows over the channels; ``[..., n_out, C]``.
 
     calibration : (offset, slope, quadratic) ``[...]``; channels : ``[C]`` absolute channel
     numbers (float); peaks : see :class:`Peaks`. ``full=True`` evaluates every peak on every
-    channel (no windows; for a few peaks, and for checks). Windows have one width for all peaks,
-    so evaluate peaks of very different widths (lines and a broad Compton peak) in separate
-    calls. Large batches are evaluated in chunks of about ``max_elements`` window channels, so
-    memory stays bounded.
+    channel (no windows; for checks). A peak much wider than most (a broad Compton peak) is
+    covered by several windows. Large batches are evaluated in chunks of about ``max_elements``
+    window channels, so memory stays bounded.
     """
     offset, slope, quad = calibration
     per_peak = (peaks.centers, peaks.sigma, peaks.gamma, peaks.a, peaks.b, peaks.c)
@@ -363,11 +426,11 @@ def evaluate_peaks(
             parts.append(evaluate_peaks(tuple(t[sl] for t in flat_cal), channels, sub, n_out, full, max_elements))
         return torch.cat(parts, 0).reshape(*batch, n_out, n_ch)
     energies = cal[0][..., None] + channels * (cal[1][..., None] + cal[2][..., None] * channels)
-    return _evaluate_group(cal, channels, energies, per_peak, rows, n_out, full)
+    return _evaluate_planned(cal, channels, energies, per_peak, rows, n_out, full)
 
 
-def _evaluate_group(cal, channels, energies, per_peak, rows, n_out: int, full: bool) -> Tensor:
-    """Windows, fused evaluation and accumulation of one group of peaks (see evaluate_peaks)."""
+def _evaluate_planned(cal, channels, energies, per_peak, rows, n_out: int, full: bool) -> Tensor:
+    """Windows, fused evaluation and accumulation (see evaluate_peaks)."""
     offset, slope, quad = cal
     batch = offset.shape
     n_ch = channels.shape[0]
@@ -378,35 +441,42 @@ def _evaluate_group(cal, channels, energies, per_peak, rows, n_out: int, full: b
     if plan.keep is not None:
         centers, sigma, gamma, a, b, c = (t[..., plan.keep] for t in (centers, sigma, gamma, a, b, c))
         rows = rows[plan.keep]
-    n_kept = rows.shape[0]
     lim = _limits(channels.dtype)
     need_step = bool(torch.any(b != 0))  # b = 0 exactly when the step fractions are 0 (zero gradient there too)
     need_quad = bool(quad.requires_grad) or bool(torch.any(quad != 0))
     stable = bool(torch.any(gamma < lim.gamma_safe))
     inv_sigma, inv_gamma = 1.0 / sigma, 1.0 / gamma
     origin = channels[0] - plan.pad  # channel number of buffer index 0
+    blocks_per_row = plan.n_buf // BLOCK
+    buf = a.new_zeros(*batch, n_out * blocks_per_row, BLOCK)
+
+    def take(t: Tensor, idx: Tensor | None) -> Tensor:
+        return t if idx is None else t.index_select(-1, idx)
+
+    cp = plan.core_peak
     offs = torch.arange(plan.core_width, device=channels.device, dtype=channels.dtype)
     chan = origin + plan.core_start.to(channels.dtype)[:, None] + offs[None, :]
-    core = _CoreProfiles.apply(offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma,
-                               (need_step, need_quad, stable))
-    blocks_per_row = plan.n_buf // BLOCK
-    buf = core.new_zeros(*batch, n_out * blocks_per_row, BLOCK)
+    core = _CoreProfiles.apply(offset, slope, quad, chan, take(centers, cp), take(inv_sigma, cp), take(a, cp),
+                               take(b, cp), take(c, cp), take(inv_gamma, cp), (need_step, need_quad, stable))
     nb = plan.core_width // BLOCK
-    buf = buf.index_add(-2, _block_rows(rows, plan.core_start, nb, blocks_per_row),
-                        core.reshape(*batch, n_kept * nb, BLOCK))
-    if plan.far_width:
+    core_rows = rows if cp is None else rows[cp]
+    buf = buf.index_add(-2, _block_rows(core_rows, plan.core_start, nb, blocks_per_row),
+                        core.reshape(*batch, core_rows.shape[0] * nb, BLOCK))
+    if plan.far_width and plan.far_peak.numel():
+        fp = plan.far_peak
         offs = torch.arange(plan.far_width, device=channels.device, dtype=channels.dtype)
         chan_far = origin + plan.far_start.to(channels.dtype)[:, None] + offs[None, :]
-        far = _FarTails.apply(offset, slope, quad, chan_far, centers, inv_sigma, c, inv_gamma, need_quad)
+        far = _FarTails.apply(offset, slope, quad, chan_far, take(centers, fp), take(inv_sigma, fp), take(c, fp),
+                              take(inv_gamma, fp), need_quad)
         nbf = plan.far_width // BLOCK
-        buf = buf.index_add(-2, _block_rows(rows, plan.far_start, nbf, blocks_per_row),
-                            far.reshape(*batch, n_kept * nbf, BLOCK))
+        buf = buf.index_add(-2, _block_rows(rows[fp], plan.far_start, nbf, blocks_per_row),
+                            far.reshape(*batch, fp.shape[0] * nbf, BLOCK))
     out = buf.reshape(*batch, n_out, plan.n_buf)[..., plan.pad : plan.pad + n_ch]
-    if need_step and (plan.pad > 0 or bool((plan.core_start > 0).any())):
-        # step plateau 2 b below each core window: mark 2 b at the window start, then a reversed
-        # cumulative sum spreads it over every lower channel.
+    if need_step and (plan.pad > 0 or bool((plan.step_start > 0).any())):
+        # step plateau 2 b below each peak's first core window: mark 2 b at the window start, then
+        # a reversed cumulative sum spreads it over every lower channel.
         marks = b.new_zeros(*batch, n_out * (plan.n_buf + 1))
-        marks = marks.index_add(-1, rows * (plan.n_buf + 1) + plan.core_start, 2.0 * b)
+        marks = marks.index_add(-1, rows * (plan.n_buf + 1) + plan.step_start, 2.0 * b)
         marks = marks.reshape(*batch, n_out, plan.n_buf + 1)
         plateau = torch.flip(torch.cumsum(torch.flip(marks, [-1]), -1), [-1])
         out = out + plateau[..., plan.pad + 1 : plan.pad + 1 + n_ch]
