@@ -117,7 +117,7 @@ def time_upstream(repeats: int, batch: int, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=30, help="timed runs of ours (median reported)")
+    ap.add_argument("--repeats", type=int, default=100, help="timed runs of ours (median reported)")
     ap.add_argument("--baseline-repeats", type=int, default=5, help="timed runs of upstream")
     ap.add_argument("--batch", type=int, default=1024, help="batched throughput: parameter sets at once")
     ap.add_argument("--baseline-batch", type=int, default=16, help="upstream batch size (it is slow)")

@@ -109,6 +109,21 @@ def test_core_gradcheck(stable, need_step):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6, rtol=1e-5)
 
 
+def test_core_gradcheck_with_several_windows_per_peak():
+    off, sl, qd, chan, centers, isg, a, b, c, ig = _grad_inputs()
+    index = torch.tensor([0, 0, 1, 3, 3, 5])  # windows -> peaks (peaks 2 and 4 have none)
+
+    def f(off, sl, qd, centers, isg, a, b, c, ig):
+        return _CoreProfiles.apply(off, sl, qd * _Q, chan, centers, isg, a, b, c, ig, (True, True, False), index)
+
+    assert torch.autograd.gradcheck(f, (off, sl, qd, centers, isg, a, b, c, ig), eps=1e-7, atol=1e-6, rtol=1e-5)
+
+    def g(off, sl, qd, centers, isg, c, ig):
+        return _FarTails.apply(off, sl, qd * _Q, chan, centers + 1.5, isg, c, ig, True, index)
+
+    assert torch.autograd.gradcheck(g, (off, sl, qd, centers, isg, c, ig), eps=1e-7, atol=1e-6, rtol=1e-5)
+
+
 def test_far_tail_gradcheck():
     off, sl, qd, chan, centers, isg, a, b, c, ig = _grad_inputs()
     centers = (centers.detach() + 1.5).requires_grad_(True)  # windows well below the peaks: x < 0

@@ -27,7 +27,7 @@ from mapstorch.errors import InputError
 from mapstorch.parameters.set import N_SHAPE, ParameterSet
 from mapstorch.physics.lines import LineTable, TorchLines
 from mapstorch.physics.coefficients import line_coefficients
-from mapstorch.physics.profiles import Peaks, evaluate_peaks
+from mapstorch.physics.profiles import Peaks, expand_to, evaluate_peaks
 from mapstorch.physics.shapes import FANO_EPSILON_XRFMAPS, detector_sigma
 from mapstorch.physics.spectrum import (
     ESCAPE_EDGE_KEV,
@@ -317,5 +317,5 @@ def _concat(first: Peaks, second: Peaks) -> Peaks:
     for name in ("centers", "sigma", "gamma", "a", "b", "c"):
         u, v = getattr(first, name), getattr(second, name)
         batch = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
-        parts.append(torch.cat([u.expand(*batch, u.shape[-1]), v.expand(*batch, v.shape[-1])], -1))
+        parts.append(torch.cat([expand_to(u, (*batch, u.shape[-1])), expand_to(v, (*batch, v.shape[-1]))], -1))
     return Peaks(*parts, torch.cat([first.rows, second.rows]))

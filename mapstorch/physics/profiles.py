@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "Peaks", "evaluate_peaks"]
+__all__ = ["BLOCK", "Peaks", "evaluate_peaks", "expand_to"]
 
 #: Window starts and widths are multiples of this many channels.
 BLOCK = 32
@@ -132,6 +132,13 @@ def _calibration_grads(per_peak_scale: Tensor, moments: Tensor, needs: tuple[boo
     return out
 
 
+def _to_peaks(v: Tensor | None, index: Tensor, n: int) -> Tensor | None:
+    """Per-window gradients ``[..., N]`` summed per peak ``[..., n]``."""
+    if v is None:
+        return None
+    return v.new_zeros(*v.shape[:-1], n).index_add_(-1, index, v)
+
+
 class _CoreProfiles(torch.autograd.Function):
     """``a G + b S + c T`` on core windows with an analytic backward.
 
@@ -141,9 +148,13 @@ class _CoreProfiles(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma, flags):
+    def forward(ctx, offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma, flags, index=None):
         need_step, need_quad, stable = flags
         lim = _limits(chan.dtype)
+        ctx.n_peaks = centers.shape[-1]
+        if index is not None:  # several windows per peak: one entry per window
+            centers, inv_sigma, a, b, c, inv_gamma = (
+                t.index_select(-1, index) for t in (centers, inv_sigma, a, b, c, inv_gamma))
         x = _scaled_offset(chan, offset, slope, quad if need_quad else None, centers, inv_sigma)
         ig = inv_gamma[..., None]
         g = torch.square(x).mul_(-0.5).clamp_(min=lim.exp_floor).exp_()
@@ -162,12 +173,20 @@ class _CoreProfiles(torch.autograd.Function):
             t = e_arg.exp_().mul_(torch.erfc(u))
         out.addcmul_(t, c[..., None])
         ctx.flags = flags
+        ctx.index = index
         ctx.save_for_backward(offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma,
                               x, g, s if s is not None else g, t)
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        out = _CoreProfiles._backward(ctx, grad)
+        if ctx.index is not None:  # windows back to peaks
+            out[4:10] = [_to_peaks(v, ctx.index, ctx.n_peaks) for v in out[4:10]]
+        return tuple(out) + (None,)
+
+    @staticmethod
+    def _backward(ctx, grad) -> list:
         offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma, x, g, s, t = ctx.saved_tensors
         need_step, need_quad, _ = ctx.flags
         needs = ctx.needs_input_grad
@@ -202,7 +221,7 @@ class _CoreProfiles(torch.autograd.Function):
             gtx = torch.einsum("...w,...w,...w->...", grad, t, x_neg)
             gh = torch.einsum("...w,...w->...", grad, h)
             out[9] = c * (gtx + inv_gamma * gt - _SQRT_2_OVER_PI * gh)
-        return tuple(out)
+        return out
 
 
 class _FarTails(torch.autograd.Function):
@@ -214,8 +233,11 @@ class _FarTails(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, offset, slope, quad, chan, centers, inv_sigma, c, inv_gamma, need_quad):
+    def forward(ctx, offset, slope, quad, chan, centers, inv_sigma, c, inv_gamma, need_quad, index=None):
         lim = _limits(chan.dtype)
+        ctx.n_peaks, ctx.index = centers.shape[-1], index
+        if index is not None:
+            centers, inv_sigma, c, inv_gamma = (t.index_select(-1, index) for t in (centers, inv_sigma, c, inv_gamma))
         kappa = inv_sigma * inv_gamma  # [..., L]
         arg = _scaled_offset(chan, offset, slope, quad if need_quad else None, centers, kappa)
         # x < 0 on a far window; the upper clamp only guards windows of peaks far outside the range
@@ -249,7 +271,9 @@ class _FarTails(torch.autograd.Function):
                 out[7] = c * (inv_sigma * sum_d + inv_gamma * s0)
         if needs[6]:
             out[6] = s0
-        return tuple(out)
+        if ctx.index is not None:
+            out[4:8] = [_to_peaks(v, ctx.index, ctx.n_peaks) for v in out[4:8]]
+        return tuple(out) + (None,)
 
 
 @dataclass(frozen=True)
@@ -376,6 +400,11 @@ def _block_rows(rows: Tensor, start: Tensor, n_blocks: int, blocks_per_row: int)
     return (first[:, None] + torch.arange(n_blocks, device=rows.device)[None, :]).reshape(-1)
 
 
+def expand_to(t: Tensor, shape) -> Tensor:
+    """``t.expand(shape)``, without an autograd node when nothing changes."""
+    return t if tuple(t.shape) == tuple(shape) else t.expand(shape)
+
+
 def evaluate_peaks(
     calibration: tuple[Tensor, Tensor, Tensor],
     channels: Tensor,
@@ -398,8 +427,8 @@ def evaluate_peaks(
     n_ch = channels.shape[0]
     n_lines = peaks.centers.shape[-1]
     rows = peaks.rows
-    per_peak = tuple(t.expand(*batch, n_lines) for t in per_peak)
-    cal = (offset.expand(batch), slope.expand(batch), quad.expand(batch))
+    per_peak = tuple(expand_to(t, (*batch, n_lines)) for t in per_peak)
+    cal = (expand_to(offset, batch), expand_to(slope, batch), expand_to(quad, batch))
     if n_lines == 0:
         return cal[0].new_zeros(*batch, n_out, n_ch) + 0.0 * sum(t.sum() for t in cal)
     # peaks that are zero for every batch member (gated off, zero amplitude) are skipped
@@ -450,14 +479,11 @@ def _evaluate_planned(cal, channels, energies, per_peak, rows, n_out: int, full:
     blocks_per_row = plan.n_buf // BLOCK
     buf = a.new_zeros(*batch, n_out * blocks_per_row, BLOCK)
 
-    def take(t: Tensor, idx: Tensor | None) -> Tensor:
-        return t if idx is None else t.index_select(-1, idx)
-
     cp = plan.core_peak
     offs = torch.arange(plan.core_width, device=channels.device, dtype=channels.dtype)
     chan = origin + plan.core_start.to(channels.dtype)[:, None] + offs[None, :]
-    core = _CoreProfiles.apply(offset, slope, quad, chan, take(centers, cp), take(inv_sigma, cp), take(a, cp),
-                               take(b, cp), take(c, cp), take(inv_gamma, cp), (need_step, need_quad, stable))
+    core = _CoreProfiles.apply(offset, slope, quad, chan, centers, inv_sigma, a, b, c, inv_gamma,
+                               (need_step, need_quad, stable), cp)
     nb = plan.core_width // BLOCK
     core_rows = rows if cp is None else rows[cp]
     buf = buf.index_add(-2, _block_rows(core_rows, plan.core_start, nb, blocks_per_row),
@@ -466,8 +492,7 @@ def _evaluate_planned(cal, channels, energies, per_peak, rows, n_out: int, full:
         fp = plan.far_peak
         offs = torch.arange(plan.far_width, device=channels.device, dtype=channels.dtype)
         chan_far = origin + plan.far_start.to(channels.dtype)[:, None] + offs[None, :]
-        far = _FarTails.apply(offset, slope, quad, chan_far, take(centers, fp), take(inv_sigma, fp), take(c, fp),
-                              take(inv_gamma, fp), need_quad)
+        far = _FarTails.apply(offset, slope, quad, chan_far, centers, inv_sigma, c, inv_gamma, need_quad, fp)
         nbf = plan.far_width // BLOCK
         buf = buf.index_add(-2, _block_rows(rows[fp], plan.far_start, nbf, blocks_per_row),
                             far.reshape(*batch, fp.shape[0] * nbf, BLOCK))
