@@ -93,10 +93,13 @@ def time_ours(repeats: int, batch: int) -> dict:
         ampss = amps.expand(batch, -1) * (0.5 + torch.rand(batch, amps.shape[-1], generator=g))
         with torch.no_grad():
             model(thetas[:2], ampss[:2])
-            t = time.perf_counter()
-            model(thetas, ampss)
-            fwd = time.perf_counter() - t
-        bwd = once(thetas, ampss)
+            fwd_times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                model(thetas, ampss)
+                fwd_times.append(time.perf_counter() - t)
+        fwd = statistics.median(fwd_times)
+        bwd = statistics.median([once(thetas, ampss) for _ in range(3)])
         out.update(batch=batch, batch_forward_spectra_per_s=batch / fwd, batch_fwd_bwd_spectra_per_s=batch / bwd)
     return out
 

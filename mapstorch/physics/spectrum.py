@@ -27,15 +27,13 @@ from torch import Tensor
 
 from mapstorch.parameters.set import index_of
 from mapstorch.physics.lines import TorchLines
-from mapstorch.physics.shapes import FANO_EPSILON_XRFMAPS, detector_sigma, gaussian, step, tail
+from mapstorch.physics.shapes import FANO_EPSILON_XRFMAPS, detector_sigma
 
 __all__ = [
     "P",
     "channel_energies",
     "compton_energy",
     "line_weights",
-    "elastic_profile",
-    "compton_profile",
     "ESCAPE_ENERGY_KEV",
     "ESCAPE_EDGE_KEV",
 ]
@@ -112,36 +110,3 @@ def line_weights(lines: TorchLines, theta: Tensor, fano_epsilon: float = FANO_EP
     norm = 1.0 + f_tail + (1.0 - lines.is_m) * f_step
     weight = lines.ratio * gate / norm
     return sigma, gamma, f_step, f_tail, weight
-
-
-def elastic_profile(
-    energies: Tensor, theta: Tensor, fano_epsilon: float = FANO_EPSILON_XRFMAPS, shift_kev: float = 0.0
-) -> Tensor:
-    """Unit-amplitude elastic peak: a Gaussian at E0 with the detector width there; ``[..., C]``."""
-    e0 = theta[..., P.COHERENT_SCT_ENERGY, None]
-    s = detector_sigma(e0, theta[..., P.FWHM_OFFSET, None], theta[..., P.FWHM_FANOPRIME, None], fano_epsilon)
-    return gaussian(energies - (e0 - shift_kev), s, theta[..., P.ENERGY_SLOPE, None])
-
-
-def compton_profile(
-    energies: Tensor,
-    theta: Tensor,
-    fano_epsilon: float = FANO_EPSILON_XRFMAPS,
-    shift_kev: float = 0.0,
-) -> Tensor:
-    """Unit-amplitude Compton peak (MODEL.md section 5); ``[..., C]``.
-
-    ``(gauss(d; s_C * FWHM_CORR) + F_STEP step + F_TAIL tail(d, GAMMA) + HI_F_TAIL tail(-d, HI_GAMMA))
-    / (1 + F_STEP + F_TAIL + HI_F_TAIL)`` with ``d = E - E_C`` and ``s_C = sigma(E_C)``.
-    """
-    t = theta[..., None]
-    e_c = compton_energy(theta)[..., None]
-    s = detector_sigma(e_c, t[..., P.FWHM_OFFSET, :], t[..., P.FWHM_FANOPRIME, :], fano_epsilon)
-    g = t[..., P.ENERGY_SLOPE, :]
-    f_step, f_tail, f_hi = t[..., P.COMPTON_F_STEP, :], t[..., P.COMPTON_F_TAIL, :], t[..., P.COMPTON_HI_F_TAIL, :]
-    d = energies - (e_c - shift_kev)
-    prof = gaussian(d, s * t[..., P.COMPTON_FWHM_CORR, :], g)
-    prof = prof + f_step * step(d, s, g, e_c)
-    prof = prof + f_tail * tail(d, s, t[..., P.COMPTON_GAMMA, :], g)
-    prof = prof + f_hi * tail(-d, s, t[..., P.COMPTON_HI_GAMMA, :], g)
-    return prof / (1.0 + f_step + f_tail + f_hi)
