@@ -93,9 +93,9 @@ def plot_maps(
     maps: Mapping[str, np.ndarray],
     title: str = "",
     ncols: int = 4,
-    units: str = "counts",
+    units: str | Mapping[str, str] = "counts",
 ) -> str:
-    """A grid of map images with colour bars; returns the path written."""
+    """A grid of map images with colour bars; ``units`` is one label or one per map name."""
     plt = _pyplot()
     names = list(maps)
     nrows = max(1, (len(names) + ncols - 1) // ncols)
@@ -105,7 +105,8 @@ def plot_maps(
     for ax, name in zip(axes.ravel(), names):
         im = ax.imshow(np.asarray(maps[name]), origin="lower", cmap="viridis", interpolation="nearest")
         ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=units)
+        label = units if isinstance(units, str) else units.get(name, "")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])

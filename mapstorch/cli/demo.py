@@ -147,7 +147,9 @@ def run_demo(out_dir: str | os.PathLike[str] = "mapstorch-demo", seed: int = 0) 
     maps = {n: smap.truth_counts[n] for n in list(smap.truth_counts)[:10]}
     maps["total counts"] = smap.counts.sum(-1)
     maps["reduced chi2 (truth)"] = chi2
-    maps_png = plot_maps(out / "maps.png", maps, title="Synthetic 16 x 16 map: truth per component")
+    units = {n: "counts" for n in maps}
+    units["reduced chi2 (truth)"] = ""
+    maps_png = plot_maps(out / "maps.png", maps, title="Synthetic 16 x 16 map: truth per component", units=units)
     report += [
         f"4. Map: 16 x 16 pixels x {smap.counts.shape[-1]} channels; batched model for all 256 pixels in "
         f"{t_map * 1e3:.0f} ms; data vs truth reduced chi-square: median {np.median(chi2):.3f}",

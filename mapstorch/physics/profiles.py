@@ -349,9 +349,11 @@ def _plan(channels: Tensor, energies: Tensor, centers: Tensor, sigma: Tensor, ga
     far_need = np.ceil((x_lo - x_c) * s / gain)
     below = np.where(mirrored, other_side, tail_side)
     above = np.where(mirrored, tail_side, other_side)
-    c = centers.reshape(-1, n_lines).double().cpu().numpy()
-    rows_e, rows_c = e.shape[0], c.shape[0]
-    pos = np.stack([np.searchsorted(e[i % rows_e], c[i % rows_c]) for i in range(max(rows_e, rows_c))])
+    rows = torch.broadcast_shapes(energies.shape[:-1], centers.shape[:-1])
+    e_rows = energies.expand(*rows, n_ch).reshape(-1, n_ch).contiguous()
+    c_rows = centers.expand(*rows, n_lines).reshape(-1, n_lines).contiguous()
+    pos = torch.searchsorted(e_rows, c_rows).cpu().numpy()  # [B, L], one batched search
+    c = c_rows.double().cpu().numpy()
     lo = pos.min(0) - below - 1
     hi = pos.max(0) + above + 1
     # a peak wholly outside the range on its clean side adds nothing (positions from searchsorted

@@ -1,0 +1,1 @@
+"""Sources of line data: xraylib (default) and XRF-Maps' own reference tables."""
