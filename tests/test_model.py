@@ -286,7 +286,10 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(InputError, match="amplitudes"):
         model(ps.shape_values(), ps.amplitudes()[:3])
     with pytest.raises(InputError, match="float32"):
-        model(ps.shape_values().float(), ps.amplitudes().float())
+        model(ps.shape_values(), ps.amplitudes().float())
+    # the dtype (and device) follow the inputs
+    out32 = model(ps.shape_values().float(), ps.amplitudes().float())
+    assert out32.dtype == torch.float32
     with pytest.raises(InputError):
         FitWindow(10, 5)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 import torch
 from torch import Tensor
 
@@ -96,7 +98,8 @@ class SpectrumModel:
         are dropped once, here (pass the upper bound of COHERENT_SCT_ENERGY in a fit).
     windowed : evaluate each line only on the channels where it is above tolerance (see
         :mod:`mapstorch.physics.profiles`); ``False`` evaluates every line on every channel.
-    dtype, device : of the tensors the model creates; inputs must match.
+    dtype, device : where the model's tensors are prepared first; every call follows the dtype
+        and device of its inputs (float32 or float64, CPU or CUDA).
     """
 
     def __init__(
@@ -120,18 +123,38 @@ class SpectrumModel:
         self.windowed = windowed
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.lines = lines.to_torch(dtype, self.device)
-        keep = None
+        keep = np.arange(lines.n_lines)
         if max_incident_energy is not None:
-            keep = self.lines.gate_edge < float(max_incident_energy)
-            if not bool(keep.all()):
-                self.lines = self.lines.select(torch.nonzero(keep).flatten())
-        self.channels = torch.arange(window.first, window.last + 1, dtype=dtype, device=self.device)
+            keep = np.nonzero(lines.gate_edge_kev < float(max_incident_energy))[0]
+        self._keep = keep
         self.n_components = len(lines.components)
         self.detector = lines.detector
         self._escape_index = P.SI_ESCAPE if self.detector == "Si" else P.GE_ESCAPE
-        k = self.n_components
-        self._scatter_rows = torch.tensor([k, k + 1, k + 1, k + 1], device=self.device)
+        self._cache: dict[tuple[torch.dtype, torch.device], tuple[TorchLines, Tensor, Tensor]] = {}
+        self._tensors(dtype, self.device)
+
+    def _tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[TorchLines, Tensor, Tensor]:
+        """Line table, channel numbers and scatter rows as tensors of this dtype and device."""
+        key = (dtype, device)
+        if key not in self._cache:
+            lines = self.table.to_torch(dtype, device)
+            if len(self._keep) < self.table.n_lines:
+                lines = lines.select(torch.as_tensor(self._keep, device=device))
+            channels = torch.arange(self.window.first, self.window.last + 1, dtype=dtype, device=device)
+            k = self.n_components
+            rows = torch.tensor([k, k + 1, k + 1, k + 1], device=device)
+            self._cache[key] = (lines, channels, rows)
+        return self._cache[key]
+
+    @property
+    def lines(self) -> TorchLines:
+        """The line table as tensors in the model's default dtype and device."""
+        return self._tensors(self.dtype, self.device)[0]
+
+    @property
+    def channels(self) -> Tensor:
+        """Absolute channel numbers of the window, in the model's default dtype and device."""
+        return self._tensors(self.dtype, self.device)[1]
 
     # ------------------------------------------------------------------ names
     @property
@@ -146,16 +169,18 @@ class SpectrumModel:
             raise InputError(
                 f"shape parameters must be a tensor [..., {N_SHAPE}] (ParameterSet.shape_values()), got {shape}"
             )
-        if theta.dtype != self.dtype or theta.device != self.device:
-            raise InputError(
-                f"parameters are {theta.dtype} on {theta.device}, the model is {self.dtype} on {self.device}; "
-                "build the model with the same dtype/device or convert the parameters"
-            )
+        if not theta.is_floating_point():
+            raise InputError(f"shape parameters must be float32 or float64, got {theta.dtype}")
         if amplitudes is not None:
             k = self.n_components + 2
             if not isinstance(amplitudes, Tensor) or amplitudes.shape[-1:] != (k,):
                 shape = tuple(amplitudes.shape) if isinstance(amplitudes, Tensor) else type(amplitudes).__name__
                 raise InputError(f"amplitudes must be a tensor [..., {k}] (components, elastic, Compton), got {shape}")
+            if amplitudes.dtype != theta.dtype or amplitudes.device != theta.device:
+                raise InputError(
+                    f"amplitudes are {amplitudes.dtype} on {amplitudes.device} but the shape parameters are "
+                    f"{theta.dtype} on {theta.device}; convert one of them"
+                )
 
     def _use_escape(self, theta: Tensor) -> bool:
         if self.escape is not None:
@@ -165,11 +190,12 @@ class SpectrumModel:
     # ------------------------------------------------------------------ evaluation
     def _excited(self, theta: Tensor) -> TorchLines:
         """The lines some batch member's incident energy can excite (a constant selection)."""
+        lines = self._tensors(theta.dtype, theta.device)[0]
         e0_max = float(theta[..., P.COHERENT_SCT_ENERGY].detach().max())
-        keep = self.lines.gate_edge < e0_max
+        keep = lines.gate_edge < e0_max
         if bool(keep.all()):
-            return self.lines
-        return self.lines.select(torch.nonzero(keep).flatten())
+            return lines
+        return lines.select(torch.nonzero(keep).flatten())
 
     def _peaks(self, theta: Tensor, scale: Tensor | None, escape: bool) -> tuple[Peaks, int]:
         """All peaks: lines, elastic, Compton (Gaussian, step + low tail, mirrored high tail), and
@@ -199,7 +225,8 @@ class SpectrumModel:
         sc_b = torch.stack([zero, zero, norm_g * fs / (2.0 * e_c), zero], -1)
         sc_c = torch.stack([zero, zero, norm_g * ft / gamma_c, norm_g * fh / gamma_hi], -1) / (2.0 * s_base)
         line_peaks = Peaks(lines.energy, sigma, gamma, a, b, c, lines.component)
-        scatter_peaks = Peaks(sc_centers, sc_sigma, sc_gamma, sc_a, sc_b, sc_c, self._scatter_rows)
+        scatter_peaks = Peaks(sc_centers, sc_sigma, sc_gamma, sc_a, sc_b, sc_c,
+                              self._tensors(theta.dtype, theta.device)[2])
         n_rows = k + 2
         out = []
         for pk in (_concat(line_peaks, scatter_peaks),):
@@ -226,7 +253,8 @@ class SpectrumModel:
     def _evaluate(self, theta: Tensor, scale: Tensor | None, escape: bool) -> Tensor:
         peaks, n_rows = self._peaks(theta, scale, escape)
         calibration = (theta[..., P.ENERGY_OFFSET], theta[..., P.ENERGY_SLOPE], theta[..., P.ENERGY_QUADRATIC])
-        return evaluate_peaks(calibration, self.channels, peaks, n_rows, full=not self.windowed)
+        channels = self._tensors(theta.dtype, theta.device)[1]
+        return evaluate_peaks(calibration, channels, peaks, n_rows, full=not self.windowed)
 
     def columns(self, theta: Tensor, with_escape: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(columns, escape_columns)``: unit-amplitude spectra ``[..., K + 2, C]`` of every
@@ -300,11 +328,11 @@ class SpectrumModel:
     def energies(self, theta: Tensor) -> Tensor:
         """Energy (keV) of each window channel, ``[..., C]``."""
         self._check(theta)
-        return channel_energies(self.channels, theta)
+        return channel_energies(self._tensors(theta.dtype, theta.device)[1], theta)
 
     def __repr__(self) -> str:
         return (
-            f"SpectrumModel({self.n_components} components, {int(self.lines.energy.numel())} lines, "
+            f"SpectrumModel({self.n_components} components, {len(self._keep)} lines, "
             f"channels {self.window.first}-{self.window.last}, detector={self.detector}, "
             f"{self.dtype}, {self.device})"
         )
