@@ -9,28 +9,41 @@ reproduce the file) and interprets the keys the model needs:
   ``<KEY>_MIN`` / ``<KEY>_MAX`` bounds;
 * ``BRANCHING_RATIO_ADJUSTMENT_K/L/M`` and ``BRANCHING_FAMILY_ADJUSTMENT_L`` (repeatable);
 * ``WIDTH_MULTIPLIER: El, factor``, ``DETECTOR_MATERIAL`` (0 Ge, 1 Si), ``FIT_SNIP_WIDTH``,
-  ``SI_ESCAPE_ENABLE``/``GE_ESCAPE_ENABLE``, detector thicknesses;
-* everything else (scaler mappings, names, dates) is kept as text in :attr:`OverrideFile.entries`.
+  ``SI_ESCAPE_ENABLE``/``GE_ESCAPE_ENABLE``, ``LINEAR_ESCAPE_FACTOR``, detector thicknesses,
+  amplifier settings (``US_AMP_SENS_NUM``...);
+* scaler mappings (``US_IC: 2xfm:scaler3_cts1.B``, ``ELT1: ...``, ``TIME_NORMALIZED_SCALER:
+  NAME;PV``, ``SUMMED_SCALER: NAME:A,B``) into :attr:`OverrideFile.scaler_pvs` and friends;
+* ``VERSION``, ``DATE``, ``IDENTIFYING_NAME_...`` and any other key as text.
+
+:meth:`OverrideFile.with_values` changes values *in place* (the line keeps its key, position
+and separator; new keys are added after the parameter block) and :meth:`OverrideFile.write`
+writes the file atomically: every line the change does not touch is written back unchanged, in
+order. XRF-Maps reads ``maps_fit_parameters_override.txt<N>`` for detector element N and falls
+back to the file without suffix; :func:`find_override` does the same.
 
 A malformed number raises :class:`~mapstorch.errors.OverrideFileError` naming the file and line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from mapstorch.errors import ElementError, OverrideFileError
 from mapstorch.parameters.set import ParameterSet
-from mapstorch.parameters.table import SHAPE_PARAMETER_NAMES, name_from_file_key
+from mapstorch.parameters.table import SHAPE_PARAMETER_NAMES, file_key, name_from_file_key
 from mapstorch.physics.elements import parse_component
 from mapstorch.physics.lines import LineTable, branching_factors, build_line_table
 from mapstorch.physics.library.base import LineSource
 
-__all__ = ["Entry", "OverrideFile", "read_override"]
+__all__ = ["Entry", "OverrideFile", "read_override", "find_override", "atomic_write_text"]
 
 _BRANCHING_KEYS = {
     "BRANCHING_RATIO_ADJUSTMENT_K": ("ratio_k", 4),
@@ -41,8 +54,19 @@ _BRANCHING_KEYS = {
 _NUMERIC_KEYS = {
     "VERSION", "DETECTOR_ELEMENTS", "FIT_SNIP_WIDTH", "DETECTOR_MATERIAL", "BE_WINDOW_THICKNESS",
     "DET_CHIP_THICKNESS", "GE_DEAD_LAYER", "LINEAR_ESCAPE_FACTOR", "SI_ESCAPE_ENABLE", "GE_ESCAPE_ENABLE",
-    "AIRPATH",
+    "AIRPATH", "TIME_SCALER_CLOCK", "US_AMP_SENS_NUM", "US_AMP_SENS_UNIT", "DS_AMP_SENS_NUM", "DS_AMP_SENS_UNIT",
 }  # fmt: skip
+#: Keys whose value is a process variable (PV) name: the scaler that plays a role.
+_SCALER_KEY_PREFIXES = ("ELT", "ERT", "ICR", "OCR", "CFG_")
+_SCALER_KEYS = {
+    "SRCURRENT", "US_IC", "DS_IC", "US_FM", "DPC1_IC", "DPC2_IC", "TIME_SCALER_PV", "US_AMP_SENS_NUM_PV",
+    "US_AMP_SENS_UNIT_PV", "DS_AMP_SENS_NUM_PV", "DS_AMP_SENS_UNIT_PV", "THETA_PV",
+}  # fmt: skip
+_TEXT_KEYS = {"DATE", "IDENTIFYING_NAME_[WHATEVERE_YOU_LIKE]"}
+
+
+def _is_scaler_key(key: str) -> bool:
+    return key in _SCALER_KEYS or (key.startswith(_SCALER_KEY_PREFIXES) and key[-1:].isdigit())
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,13 @@ class OverrideFile:
     branching: dict[str, list[tuple[str, tuple[float, ...]]]] = field(default_factory=dict)
     width_multipliers: dict[str, float] = field(default_factory=dict)
     settings: dict[str, float] = field(default_factory=dict)
+    scaler_pvs: dict[str, str] = field(default_factory=dict)
+    time_normalized_scalers: list[tuple[str, str]] = field(default_factory=list)
+    summed_scalers: list[tuple[str, list[str]]] = field(default_factory=list)
+    time_normalized_summed_scalers: list[tuple[str, list[str]]] = field(default_factory=list)
+    text: dict[str, str] = field(default_factory=dict)
+    eol: str = "\n"
+    final_eol: bool = True
 
     @property
     def components(self) -> list[str]:
@@ -102,6 +133,71 @@ class OverrideFile:
             width_multipliers=self.width_multipliers,
             mu_convention=mu_convention,  # type: ignore[arg-type]
         )
+
+    # ------------------------------------------------------------------ writing
+    def to_text(self) -> str:
+        """The file's text: every line, in order (unchanged lines byte for byte)."""
+        return self.eol.join(self.lines) + (self.eol if self.final_eol else "")
+
+    def write(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the file atomically (temporary file + rename); returns the path written."""
+        target = Path(path if path is not None else self.path)
+        atomic_write_text(target, self.to_text())
+        return target
+
+    def with_values(
+        self,
+        parameters: Mapping[str, float] | ParameterSet | None = None,
+        bounds: bool = False,
+        elements: Sequence[str] | None = None,
+        pileups: Sequence[str] | None = None,
+    ) -> "OverrideFile":
+        """A copy with new values, each changed on its own line; other lines stay as they are.
+
+        parameters : ``{MAPS name or file key: value}`` or a (unbatched) ParameterSet, whose
+            shape parameters are written (amplitudes are not part of the file format);
+        bounds : also write ``_MIN``/``_MAX`` lines (from the ParameterSet) where the file has
+            them, or add them for parameters that are free in the ParameterSet;
+        elements, pileups : new ELEMENTS_TO_FIT / ELEMENTS_WITH_PILEUP lists.
+        A key the file lacks is added after the last parameter line.
+        """
+        lines = list(self.lines)
+        values: dict[str, float] = {}
+        limits: dict[str, tuple[float, float]] = {}
+        free: set[str] = set()
+        if isinstance(parameters, ParameterSet):
+            if parameters.values.dim() != 1:
+                raise OverrideFileError("with_values() needs an unbatched ParameterSet (one spectrum)")
+            for i, name in enumerate(parameters.names[: len(SHAPE_PARAMETER_NAMES)]):
+                if name in _NOT_IN_FILES:
+                    continue
+                values[name] = float(parameters.values[i])
+                limits[name] = (float(parameters.lower[i]), float(parameters.upper[i]))
+                if bool(parameters.free[i]):
+                    free.add(name)
+        elif parameters:
+            for key, v in parameters.items():
+                name = name_from_file_key(key)
+                if name not in _PARAM_KEYS:
+                    raise OverrideFileError(f"{key!r} is not a parameter of the override file")
+                values[name] = float(v)
+        for name, v in values.items():
+            key = file_key(name)
+            if self.parameters.get(name) != v or _find(lines, key) is None:  # unchanged lines keep their text
+                _set_line(lines, key, _fmt_number(v))
+            if bounds and name in limits and (name in free or _find(lines, key + "_MIN") is not None):
+                lo, hi = limits[name]
+                if self.upper.get(name) != hi:
+                    _set_line(lines, key + "_MAX", _fmt_number(hi), after=key)
+                if self.lower.get(name) != lo:
+                    _set_line(lines, key + "_MIN", _fmt_number(lo), after=key)
+        if elements is not None:
+            _set_line(lines, "ELEMENTS_TO_FIT", ", ".join(parse_component(e).name for e in elements))
+        if pileups is not None:
+            _set_line(lines, "ELEMENTS_WITH_PILEUP", ", ".join(parse_component(e).name for e in pileups))
+        out = _parse_lines(self.path, lines)
+        out.eol, out.final_eol = self.eol, self.final_eol
+        return out
 
     def parameter_set(self, preset: str | int = "2", **kw) -> ParameterSet:
         """Defaults updated with this file's values and bounds; one amplitude per component."""
@@ -175,7 +271,13 @@ def read_override(path: str | os.PathLike[str]) -> OverrideFile:
         raise OverrideFileError(f"cannot read override file {p}: {exc}") from None
     if "\x00" in text:
         raise OverrideFileError(f"{p} is a binary file, not a maps_fit_parameters_override.txt")
-    lines = text.splitlines()
+    ov = _parse_lines(p, text.splitlines())
+    ov.eol = "\r\n" if "\r\n" in text else "\n"
+    ov.final_eol = text.endswith(("\n", "\r"))
+    return ov
+
+
+def _parse_lines(p: str, lines: list[str]) -> OverrideFile:
     ov = OverrideFile(path=p, lines=lines, entries=[])
     for lineno, line in enumerate(lines, start=1):
         if not line or line[0].isspace() or ":" not in line:
@@ -196,6 +298,22 @@ def read_override(path: str | os.PathLike[str]) -> OverrideFile:
         elif key in _NUMERIC_KEYS:
             if value.strip():
                 ov.settings[key] = _one_number(value, p, lineno, key)
+        elif key == "TIME_NORMALIZED_SCALER":
+            name, sep, pv = value.partition(";")
+            if not sep or not name.strip() or not pv.strip():
+                raise OverrideFileError(f"{p}, line {lineno}: TIME_NORMALIZED_SCALER needs 'NAME;PV', got {value.strip()!r}")
+            ov.time_normalized_scalers.append((name.strip(), pv.strip()))
+        elif key in ("SUMMED_SCALER", "TIME_NORMALIZED_SUMMED_SCALER"):
+            name, sep, parts = value.partition(":")
+            names = [x.strip() for x in parts.split(",") if x.strip()]
+            if not sep or not name.strip() or not names:
+                raise OverrideFileError(f"{p}, line {lineno}: {key} needs 'NAME:A,B,...', got {value.strip()!r}")
+            target = ov.summed_scalers if key == "SUMMED_SCALER" else ov.time_normalized_summed_scalers
+            target.append((name.strip(), names))
+        elif _is_scaler_key(key):
+            ov.scaler_pvs[key] = value.strip()
+        elif key in _TEXT_KEYS:
+            ov.text[key] = value.strip()
         else:
             base, bound = key, None
             for suffix in ("_MIN", "_MAX"):
@@ -209,3 +327,76 @@ def read_override(path: str | os.PathLike[str]) -> OverrideFile:
             target[name] = v
     return ov
 
+
+# ---------------------------------------------------------------------- writing helpers
+_NOT_IN_FILES = {"COHERENT_SCT_AMPLITUDE", "COMPTON_AMPLITUDE"}  # fitted per spectrum, not configuration
+
+
+def _fmt_number(v: float) -> str:
+    """Numbers as XRF-Maps reads them: plain decimal or exponent, 10 significant digits."""
+    if v == 0.0:
+        return "0.0"
+    text = f"{v:.10g}"
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
+def _find(lines: list[str], key: str) -> int | None:
+    """Index of the first ``KEY:`` line (comments excluded)."""
+    for i, line in enumerate(lines):
+        if line and not line[0].isspace() and line.partition(":")[0].strip() == key:
+            return i
+    return None
+
+
+def _set_line(lines: list[str], key: str, value: str, after: str | None = None) -> None:
+    """Replace the value of ``KEY:`` in place (keeping the key and separator), or insert it."""
+    i = _find(lines, key)
+    if i is not None:
+        head, _, rest = lines[i].partition(":")
+        spaces = rest[: len(rest) - len(rest.lstrip(" \t"))] if rest.strip() else " "
+        lines[i] = f"{head}:{spaces}{value}"
+        return
+    anchor = _find(lines, after) if after else None
+    if anchor is None:  # after the last parameter line, else at the end
+        keys = [j for j, line in enumerate(lines) if line and not line[0].isspace()
+                and name_from_file_key(line.partition(":")[0].strip().removesuffix("_MIN").removesuffix("_MAX")) in _PARAM_KEYS]
+        anchor = keys[-1] if keys else len(lines) - 1
+    lines.insert(anchor + 1, f"{key}: {value}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    if path.is_dir():
+        raise OverrideFileError(f"{path} is a directory; give a file name for the override file")
+    if not path.parent.exists():
+        raise OverrideFileError(f"folder {path.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def find_override(folder: str | os.PathLike[str], detector: int | None = None,
+                  name: str = "maps_fit_parameters_override.txt") -> Path:
+    """The override file XRF-Maps would use for ``detector`` in ``folder``.
+
+    ``<name><detector>`` if it exists (per-element files ``...override.txt0``..``3``), else
+    ``<name>``; raises OverrideFileError when neither exists.
+    """
+    base = Path(folder)
+    if detector is not None:
+        per = base / f"{name}{int(detector)}"
+        if per.is_file():
+            return per
+    if (base / name).is_file():
+        return base / name
+    tried = f"{name}{detector} or {name}" if detector is not None else name
+    raise OverrideFileError(f"no override file in {base} (looked for {tried})")
