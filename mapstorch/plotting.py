@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+
+from mapstorch.errors import InputError
 
 __all__ = ["plot_spectrum", "plot_maps", "element_colors"]
 
@@ -34,6 +37,22 @@ def element_colors(names: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _save(plt, fig, path: str | os.PathLike[str], dpi: int) -> None:
+    """Write the figure atomically (a failed write leaves nothing under ``path``)."""
+    from mapstorch.io.atomic import atomic_path
+
+    try:
+        kind = Path(path).suffix.lower().lstrip(".") or "png"
+        supported = fig.canvas.get_supported_filetypes()
+        if kind not in supported:
+            raise InputError(f"cannot write a plot as {Path(path).name!r}: use one of "
+                             + ", ".join("." + k for k in sorted(supported)))
+        with atomic_path(path, "plot") as tmp:
+            fig.savefig(tmp, dpi=dpi, format=kind)
+    finally:
+        plt.close(fig)
+
+
 def plot_spectrum(
     path: str | os.PathLike[str],
     energies_kev: np.ndarray,
@@ -42,6 +61,7 @@ def plot_spectrum(
     title: str = "",
     top_n: int = 12,
     residual_model: np.ndarray | None = None,
+    data_label: str = "data",
 ) -> str:
     """Data, model total, background and the ``top_n`` strongest components on a log scale.
 
@@ -56,7 +76,7 @@ def plot_spectrum(
     ax = axes[0] if rows == 2 else axes
     floor = 0.5
     if counts is not None:
-        ax.step(e, np.maximum(counts, floor), where="mid", color="0.35", lw=0.8, label="data")
+        ax.step(e, np.maximum(counts, floor), where="mid", color="0.35", lw=0.8, label=data_label)
     if "Total" in components:
         ax.plot(e, np.maximum(components["Total"], floor), color="k", lw=1.2, label="model")
     if "Background" in components:
@@ -83,8 +103,7 @@ def plot_spectrum(
     else:
         ax.set_xlabel("energy (keV)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
     return os.fspath(path)
 
 
@@ -113,6 +132,5 @@ def plot_maps(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=100)
     return os.fspath(path)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mapstorch.errors import MapstorchError
 
@@ -49,6 +50,68 @@ def _cmd_lines(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from mapstorch.io.open import open_dataset
+
+    with open_dataset(args.file, format=args.format, override=args.override or "auto",
+                      channel_axis=args.channel_axis) as ds:
+        spectra = ds.integrated(None)  # (detectors, channels), one pass over the file
+        info = ds.summary(integrated=spectra)
+        lines = [
+            f"file        {ds.path}",
+            f"format      {ds.format}",
+            f"size        {ds.rows} rows x {ds.cols} cols x {ds.detectors} detectors x {ds.channels} channels",
+        ]
+        for d, (name, cal, counts) in enumerate(zip(ds.detector_names, ds.calibration, info["total_counts"])):
+            lines.append(f"detector {d}  {name:<28} E = {cal[0]:.6g} + {cal[1]:.6g} c + {cal[2]:.3g} c^2 keV"
+                         f"   {counts:.6g} counts")
+        lt = info["live_time_range"]
+        lines.append("live time   " + (f"{lt[0]:.4g} - {lt[1]:.4g} s per pixel" if lt else "not recorded"))
+        lines.append(f"incident    {ds.incident_energy:.4g} keV" if ds.incident_energy else "incident    not recorded")
+        roles = ", ".join(f"{r}={n}" for r, n in ds.scaler_roles.items())
+        lines.append(f"scalers     {len(ds.scalers)}" + (f" ({roles})" if roles else ""))
+        for note in ds.notes:
+            lines.append(f"note        {note}")
+        if args.plot:
+            from mapstorch.plotting import plot_spectrum
+
+            comps = {name: spectra[i] for i, name in enumerate(ds.detector_names)} if ds.detectors > 1 else {}
+            plot_spectrum(args.plot, ds.energy(0), spectra.sum(0), comps,
+                          data_label="sum of detectors" if ds.detectors > 1 else ds.detector_names[0],
+                          title=f"{Path(ds.path).name}: integrated spectra ({ds.rows} x {ds.cols} pixels)")
+            lines.append(f"plot        {args.plot}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        _write_json(args.json, info)
+    return 0
+
+
+def _write_json(path: str, payload: dict) -> None:
+    import json
+
+    from mapstorch.io.override import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from mapstorch.io.hdf5 import write_xrfmaps_h5
+    from mapstorch.io.open import open_dataset
+    from mapstorch.io.override import read_override
+
+    from mapstorch.io.open import override_beside
+
+    found = args.override or override_beside(args.file)
+    override = read_override(found) if found else None
+    lines = [f"override    {found}" + ("" if args.override else " (found beside the data)")] if found else []
+    with open_dataset(args.file, format=args.format, override=override, channel_axis=args.channel_axis) as ds:
+        written = write_xrfmaps_h5(args.output, ds, override=override, per_detector=args.per_detector)
+        lines += [f"note        {n}" for n in ds.notes]
+    lines += [f"wrote       {path}" for path in written]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mapstorch import __version__
 
@@ -66,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulation")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("info", help="explore a data file: format, sizes, calibration, counts, scalers")
+    p.add_argument("file", help="XRF-Maps HDF5, fly-scan HDF5, EPICS MDA, GSE MCA, .npy or text")
+    p.add_argument("--json", help="also write the facts as JSON to this file")
+    p.add_argument("--plot", help="write the integrated spectra as a PNG to this file")
+    _data_options(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="convert MDA / fly scan / MCA / NumPy into the XRF-Maps HDF5 layout")
+    p.add_argument("file", help="input data file")
+    p.add_argument("-o", "--output", required=True, help="output .h5 file (written atomically)")
+    p.add_argument("--per-detector", action="store_true",
+                   help="also write one file per detector element (.h50, .h51, ...) as XRF-Maps does")
+    _data_options(p)
+    p.set_defaults(func=_cmd_convert)
+
     p = sub.add_parser("lines", help="show the emission lines of components, e.g. 'Fe Pb_L Au_M Si_Cl'")
     p.add_argument("components", nargs="+", help="component names: Fe, Fe_L, Au_M, Si_Cl, ...")
     p.add_argument("--detector", choices=("Si", "Ge"), default="Si", help="detector material (mu_fraction)")
@@ -74,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incident-energy", type=float, help="mark lines this energy (keV) cannot excite")
     p.set_defaults(func=_cmd_lines)
     return parser
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    from mapstorch.io.open import FORMATS
+
+    p.add_argument("--override", help="maps_fit_parameters_override.txt: scaler roles, calibration "
+                   "(default: the one in the data file's folder or its parent, if any)")
+    p.add_argument("--format", choices=FORMATS, help="skip format detection")
+    p.add_argument("--channel-axis", type=int, help="for .npy / text arrays: the axis that holds channels")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ reader whose spectra are already in memory passes them as an array, one that str
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,9 +49,12 @@ class Dataset:
         ``None`` when the file does not record them (times in seconds, counts as recorded: XRF-Maps
         files hold total counts, MDA and MCA files count rates; see ``count_units``).
     scalers : ``{name: (rows, cols) float64}`` in file order; ``scaler_units`` likewise.
-    scaler_roles : ``{role: scaler name}`` (US_IC, DS_IC, SR_current, ...).
+    scaler_roles : ``{role or label: scaler name}``: the roles of :data:`SCALER_ROLES` (US_IC,
+        DS_IC, SR_current, ...) and other override-file labels (CFG_1, ...).
     x_axis, y_axis : positions of the columns and rows (1-D), with ``axis_names``/``axis_units``.
     incident_energy : keV, when the file records it.
+    extra_pvs : ``{name: {"value", "unit", "description"}}``, process variables recorded once
+        per scan (EPICS "extra PVs"), written to ``/MAPS/Scan/Extra_PVs`` as XRF-Maps does.
     detector_names : one name per detector.
     provenance : free-form facts about the source (scan number, time stamp, file version, ...).
     notes : things a user should know (an aborted scan, a repaired value, ...).
@@ -79,6 +82,7 @@ class Dataset:
     axis_names: tuple[str, str] = ("x", "y")
     axis_units: tuple[str, str] = ("", "")
     incident_energy: float | None = None
+    extra_pvs: dict[str, dict] = field(default_factory=dict)
     detector_names: list[str] = field(default_factory=list)
     provenance: dict[str, object] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -208,9 +212,13 @@ class Dataset:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def summary(self) -> dict[str, object]:
-        """The facts ``mapstorch info`` shows, as plain JSON-able values."""
+    def summary(self, integrated: np.ndarray | None = None) -> dict[str, object]:
+        """The facts ``mapstorch info`` shows, as plain JSON-able values.
+
+        integrated : ``integrated(None)`` when already computed (saves a pass over the file).
+        """
         lt = self.live_time_range()
+        per_detector = self.integrated(None) if integrated is None else np.asarray(integrated)
         return {
             "path": self.path,
             "format": self.format,
@@ -220,7 +228,7 @@ class Dataset:
             "channels": self.channels,
             "detector_names": list(self.detector_names),
             "energy_calibration": self.calibration.tolist(),
-            "total_counts": self.total_counts().tolist(),
+            "total_counts": per_detector.sum(-1).tolist(),
             "live_time_range": list(lt) if lt else None,
             "scalers": list(self.scalers),
             "scaler_roles": dict(self.scaler_roles),
@@ -229,16 +237,3 @@ class Dataset:
                            for k, v in self.provenance.items()},
             "notes": list(self.notes),
         }
-
-
-def roles_from_override(mapping: Mapping[str, str], scaler_names: Sequence[str]) -> dict[str, str]:
-    """Scaler roles from override-file lines such as ``US_IC: 2xfm:scaler3_cts1.B``.
-
-    Only roles whose scaler exists in ``scaler_names`` are kept.
-    """
-    out = {}
-    for role, pv in mapping.items():
-        pv = pv.strip()
-        if pv in scaler_names:
-            out[role] = pv
-    return out

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from mapstorch.io.dataset import DataFileError, Dataset
+from mapstorch.io.scalers import scaler_labels
 
 __all__ = [
     "MdaPositioner",
@@ -287,7 +288,8 @@ def read_mda(path: str | os.PathLike[str]) -> MdaFile:
 class MdaScalers:
     """Scalers, positions and metadata of a map (e.g. the MDA file of a fly scan).
 
-    scalers : ``{name: (rows, cols) float64}``; x_axis (cols,), y_axis (rows,).
+    scalers : ``{name: (rows, cols) float64}``; x_axis (cols,), y_axis (rows,);
+    scaler_roles : ``{role: scaler name}`` from the ``roles`` given to :func:`read_mda_scalers`.
     """
 
     rows: int
@@ -298,9 +300,10 @@ class MdaScalers:
     y_axis: np.ndarray | None
     axis_names: tuple[str, str]
     axis_units: tuple[str, str]
-    extra_pvs: dict[str, object]
+    extra_pvs: dict[str, dict]
     notes: list[str]
     provenance: dict[str, object]
+    scaler_roles: dict[str, str] = field(default_factory=dict)
 
 
 def _complete_rows(mda: MdaFile, scan: MdaScan) -> tuple[list[MdaScan], int, list[str]]:
@@ -342,10 +345,6 @@ def _axis(scans: list[MdaScan], n: int) -> tuple[np.ndarray | None, str, str]:
     return pos.data[:n].astype(np.float64), pos.name or pos.description, pos.unit
 
 
-def _extra_values(mda: MdaFile) -> dict[str, object]:
-    return {name: pv["value"] for name, pv in mda.extra_pvs.items()}
-
-
 def read_mda_scalers(path: str | os.PathLike[str], roles: dict[str, str] | None = None) -> MdaScalers:
     """Scalers ``(rows, cols)``, positions and extra PVs of a rank-2 or rank-3 MDA map."""
     mda = read_mda(path)
@@ -360,8 +359,8 @@ def read_mda_scalers(path: str | os.PathLike[str], roles: dict[str, str] | None 
     y_unit = scan.positioners[0].unit if scan.positioners else ""
     return MdaScalers(
         rows=len(rows), cols=cols, scalers=scalers, scaler_units=units, x_axis=x_axis, y_axis=y,
-        axis_names=(x_name, y_name), axis_units=(x_unit, y_unit), extra_pvs=_extra_values(mda), notes=notes,
-        provenance=_provenance(mda),
+        axis_names=(x_name, y_name), axis_units=(x_unit, y_unit), extra_pvs=dict(mda.extra_pvs), notes=notes,
+        provenance=_provenance(mda), scaler_roles=scaler_labels(scalers, roles),
     )
 
 
@@ -387,18 +386,6 @@ def _provenance(mda: MdaFile) -> dict[str, object]:
         "time_stamp": scan.time_stamp if scan else "",
         "extra_pvs": len(mda.extra_pvs),
     }
-
-
-_ROLE_ALIASES = {"SRCURRENT": "SR_current", "SR_CURRENT": "SR_current"}
-
-
-def _roles(scalers: dict[str, np.ndarray], roles: dict[str, str] | None) -> dict[str, str]:
-    out = {}
-    for role, pv in (roles or {}).items():
-        role = _ROLE_ALIASES.get(role, role)
-        if pv in scalers and role in ("US_IC", "DS_IC", "US_FM", "SR_current", "DPC1_IC", "DPC2_IC"):
-            out[role] = pv
-    return out
 
 
 def _per_detector(scalers: dict[str, np.ndarray], det_names: list[str], suffixes: tuple[str, ...],
@@ -557,12 +544,13 @@ def read_mda_dataset(path: str | os.PathLike[str], roles: dict[str, str] | None 
         count_units="counts/s",
         scalers=scalers,
         scaler_units=units,
-        scaler_roles=_roles(scalers, roles),
+        scaler_roles=scaler_labels(scalers, roles),
         x_axis=x_axis,
         y_axis=y_axis,
         axis_names=(x_name, y_name),
         axis_units=(x_unit, y_unit),
         incident_energy=_incident_energy(mda.extra_pvs, provenance),
+        extra_pvs=dict(mda.extra_pvs),
         detector_names=det_names,
         provenance=provenance,
         notes=notes,

@@ -26,22 +26,24 @@ A malformed number raises :class:`~mapstorch.errors.OverrideFileError` naming th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mapstorch.errors import ElementError, OverrideFileError
-from mapstorch.parameters.set import ParameterSet
+from mapstorch.io.atomic import atomic_write_text as _atomic_write_text
 from mapstorch.parameters.table import SHAPE_PARAMETER_NAMES, file_key, name_from_file_key
 from mapstorch.physics.elements import parse_component
-from mapstorch.physics.lines import LineTable, branching_factors, build_line_table
-from mapstorch.physics.library.base import LineSource
+
+if TYPE_CHECKING:  # PyTorch is imported only when a ParameterSet or line table is asked for
+    from mapstorch.parameters.set import ParameterSet
+    from mapstorch.physics.lines import LineTable
+    from mapstorch.physics.library.base import LineSource
 
 __all__ = ["Entry", "OverrideFile", "read_override", "find_override", "atomic_write_text"]
 
@@ -117,6 +119,8 @@ class OverrideFile:
 
     def branching_factors(self) -> dict[str, np.ndarray]:
         """Per-component ratio factors, combined as XRF-Maps combines them."""
+        from mapstorch.physics.lines import branching_factors
+
         b = self.branching
         return branching_factors(
             ratio_k=b.get("ratio_k", ()), ratio_l=b.get("ratio_l", ()),
@@ -125,6 +129,8 @@ class OverrideFile:
 
     def line_table(self, source: LineSource | None = None, mu_convention: str = "maps") -> LineTable:
         """The :class:`LineTable` of this file's components, adjustments and detector."""
+        from mapstorch.physics.lines import build_line_table
+
         return build_line_table(
             self.components,
             source=source,
@@ -165,6 +171,8 @@ class OverrideFile:
         values: dict[str, float] = {}
         limits: dict[str, tuple[float, float]] = {}
         free: set[str] = set()
+        from mapstorch.parameters.set import ParameterSet
+
         if isinstance(parameters, ParameterSet):
             if parameters.values.dim() != 1:
                 raise OverrideFileError("with_values() needs an unbatched ParameterSet (one spectrum)")
@@ -201,6 +209,8 @@ class OverrideFile:
 
     def parameter_set(self, preset: str | int = "2", **kw) -> ParameterSet:
         """Defaults updated with this file's values and bounds; one amplitude per component."""
+        from mapstorch.parameters.set import ParameterSet
+
         ps = ParameterSet.default(self.components, preset=preset, **kw)
         values: dict[str, float] = dict(self.parameters)
         values.update({f"{k}_MIN": v for k, v in self.lower.items()})
@@ -364,24 +374,9 @@ def _set_line(lines: list[str], key: str, value: str, after: str | None = None) 
     lines.insert(anchor + 1, f"{key}: {value}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    if path.is_dir():
-        raise OverrideFileError(f"{path} is a directory; give a file name for the override file")
-    if not path.parent.exists():
-        raise OverrideFileError(f"folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write an override file's text to ``path`` through a temporary file and a rename."""
+    _atomic_write_text(path, text, what="override file", error=OverrideFileError)
 
 
 def find_override(folder: str | os.PathLike[str], detector: int | None = None,

@@ -1,6 +1,14 @@
-"""Fit parameters as data: the MAPS parameter table, presets, bounds and transforms."""
+"""Fit parameters as data: the MAPS parameter table, presets, bounds and transforms.
 
-from mapstorch.parameters.set import N_SHAPE, ParameterSet, index_of
+The table (:mod:`mapstorch.parameters.table`) is plain Python; :class:`ParameterSet` and the
+transforms need PyTorch and are imported on first use, so reading files stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from mapstorch.parameters.table import (
     AMPLITUDE_BOUNDS,
     PARAMETERS,
@@ -12,7 +20,14 @@ from mapstorch.parameters.table import (
     preset_free_names,
     spec,
 )
-from mapstorch.parameters.transforms import to_bounded, to_unbounded
+
+_LAZY = {
+    "N_SHAPE": "mapstorch.parameters.set",
+    "ParameterSet": "mapstorch.parameters.set",
+    "index_of": "mapstorch.parameters.set",
+    "to_bounded": "mapstorch.parameters.transforms",
+    "to_unbounded": "mapstorch.parameters.transforms",
+}
 
 __all__ = [
     "AMPLITUDE_BOUNDS",
@@ -30,3 +45,10 @@ __all__ = [
     "to_bounded",
     "to_unbounded",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mapstorch.parameters' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
