@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mapstorch.io.dataset import DataFileError, Dataset
+from mapstorch.io.dataset import DataFileError, Dataset, check_counts
 
 __all__ = ["read_array", "is_npy"]
 
@@ -78,14 +78,6 @@ def _load(p: str) -> np.ndarray:
     return table[:, 0] if table.shape[1] == 1 else table.T  # columns are detectors
 
 
-def _check_block(p: str, block: np.ndarray, where: tuple[int, ...] = ()) -> None:
-    bad = ~np.isfinite(block) | (block < 0)
-    if bad.any():
-        idx = tuple(int(v) for v in np.argwhere(bad)[0])
-        full = tuple(w + i for w, i in zip(where, idx)) + idx[len(where):] if where else idx
-        raise DataFileError(f"{p}: count {block[idx]} at index {full} (counts must be finite and >= 0)")
-
-
 def read_array(
     path: str | os.PathLike[str],
     channel_axis: int | None = None,
@@ -119,15 +111,14 @@ def read_array(
     mapped = isinstance(arr, np.memmap) or isinstance(getattr(arr, "base", None), np.memmap)
     if not mapped:
         spectra = np.asarray(view, dtype=np.float32)
-        _check_block(p, spectra)
+        check_counts(spectra, p)
         reader = None
     else:
         notes.append("memory-mapped: counts are checked as rows are read")
 
         def reader(start: int, stop: int, detectors: Sequence[int]) -> np.ndarray:
             block = np.asarray(view[start:stop], dtype=np.float32)[:, :, list(detectors)]
-            _check_block(p, block, (start,))
-            return block
+            return check_counts(block, p, start)
 
         spectra = None
     return Dataset(

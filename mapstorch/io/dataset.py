@@ -20,7 +20,7 @@ import numpy as np
 
 from mapstorch.errors import InputError
 
-__all__ = ["Dataset", "SCALER_ROLES", "DataFileError"]
+__all__ = ["Dataset", "SCALER_ROLES", "DataFileError", "check_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,23 @@ SCALER_ROLES = ("US_IC", "DS_IC", "US_FM", "SR_current", "DPC1_IC", "DPC2_IC", "
 
 class DataFileError(InputError):
     """A data file is missing, unreadable, truncated or not in the expected format."""
+
+
+def check_counts(block: np.ndarray, path: str, first_row: int = 0) -> np.ndarray:
+    """``block`` ``(rows, cols, detectors, channels)`` if every count is finite and >= 0.
+
+    Otherwise a DataFileError naming the first bad value and its (row, col, detector, channel),
+    rows counted from ``first_row``. Clean blocks cost two reductions and no temporary arrays.
+    """
+    if block.size == 0:
+        return block
+    if np.min(block) >= 0 and np.isfinite(np.max(block)):  # (a NaN makes the first test false)
+        return block
+    bad = ~np.isfinite(block) | (block < 0)
+    idx = tuple(int(v) for v in np.argwhere(bad)[0])
+    where = (idx[0] + first_row,) + idx[1:]
+    raise DataFileError(f"{path}: count {block[idx]} at (row, col, detector, channel) {where}; "
+                        "counts must be finite and >= 0")
 
 
 ReadBlock = Callable[[int, int, Sequence[int]], np.ndarray]
@@ -142,7 +159,11 @@ class Dataset:
         return [int(d) for d in idx]
 
     def read(self, rows: slice | None = None, detectors: int | Sequence[int] | None = None) -> np.ndarray:
-        """Spectra of a block of rows: ``(r, cols, len(detectors), channels)`` float32."""
+        """Spectra of a block of rows: ``(r, cols, len(detectors), channels)`` float32.
+
+        The array may be a strided view of what the file holds (XRF-Maps files store channels
+        first); use ``np.ascontiguousarray`` where a contiguous copy is needed.
+        """
         start, stop, step = (rows or slice(None)).indices(self.rows)
         if step != 1:
             raise InputError("read() takes a contiguous block of rows (step 1)")
@@ -154,7 +175,7 @@ class Dataset:
         return np.asarray(block, dtype=np.float32)
 
     def iter_rows(self, chunk_rows: int | None = None, detectors: int | Sequence[int] | None = None,
-                  max_bytes: int = 256 << 20) -> Iterator[tuple[slice, np.ndarray]]:
+                  max_bytes: int = 16 << 20) -> Iterator[tuple[slice, np.ndarray]]:
         """Yield ``(row slice, spectra block)`` over the map, ``chunk_rows`` rows at a time
         (default: as many rows as fit in ``max_bytes``)."""
         if chunk_rows is None:
@@ -172,6 +193,7 @@ class Dataset:
         total = np.zeros((self.detectors if dets is None else 1, self.channels), dtype=np.float64)
         for _, block in self.iter_rows(chunk_rows, dets):
             total += block.sum(axis=(0, 1), dtype=np.float64)
+            del block  # free it before the next block is read: one block in memory at a time
         if detector is None:
             return total
         return total.sum(0) if detector == "sum" else total[0]

@@ -33,7 +33,7 @@ import numpy as np
 
 from mapstorch.errors import MapstorchError
 from mapstorch.io.atomic import check_target, temporary_beside
-from mapstorch.io.dataset import DataFileError, Dataset
+from mapstorch.io.dataset import DataFileError, Dataset, check_counts
 
 __all__ = [
     "read_xrfmaps_h5",
@@ -131,15 +131,6 @@ def _axis(arr: np.ndarray | None, along: int) -> np.ndarray | None:
     return a.ravel()
 
 
-def _check(block: np.ndarray, path: str, start: int) -> np.ndarray:
-    bad = ~np.isfinite(block) | (block < 0)
-    if bad.any():
-        idx = tuple(int(v) for v in np.argwhere(bad)[0])
-        where = (idx[0] + start,) + idx[1:]
-        raise DataFileError(f"{path}: spectrum value {block[idx]} at (row, col, detector, channel) {where}")
-    return block
-
-
 # ---------------------------------------------------------------------- XRF-Maps analyzed files
 
 
@@ -218,12 +209,14 @@ def _xrfmaps_dataset(f) -> Dataset:
         return np.asarray(v, dtype=np.float64)[..., None]
 
     def read_block(start: int, stop: int, detectors: Sequence[int]) -> np.ndarray:
+        # one detector per file, so ``detectors`` is [0]; the block is returned as a transposed
+        # view of the (channels, rows, cols) array read, without a copy
         try:
             block = mca[:, start:stop, :]
         except (OSError, RuntimeError, ValueError) as exc:
             raise DataFileError(f"{p}: rows {start}-{stop - 1} of {mca_path} cannot be read ({exc})") from None
         out = np.transpose(np.asarray(block, dtype=np.float32), (1, 2, 0))[:, :, None, :]
-        return _check(out, p, start)[:, :, list(detectors)]
+        return check_counts(out, p, start)
 
     roles = {role: name for role, name in _ROLE_NAMES.items() if name in scalers}
     roles.update({name: name for name in scalers if re.fullmatch(r"CFG_\d+", name)})
@@ -432,7 +425,7 @@ def _flyscan_dataset(f, scalers, calibration) -> Dataset:
         except (OSError, RuntimeError, ValueError) as exc:
             raise DataFileError(f"{p}: rows {start}-{stop - 1} cannot be read ({exc})") from None
         block = np.transpose(np.stack(parts), (2, 3, 0, 1))  # (D, C, r, cols) -> (r, cols, D, C)
-        return _check(block, p, start)
+        return check_counts(block, p, start)
 
     if calibration is None:
         calibration = (0.0, 1.0, 0.0)
@@ -505,25 +498,31 @@ def _scaler_table(ds: Dataset, detector: int | None) -> tuple[list[str], list[st
     return names, units, stack
 
 
-def max_channel_sums(spectra: np.ndarray, k: int) -> np.ndarray:
+def max_channel_sums(spectra: np.ndarray, k: int, piece: int = 4096) -> np.ndarray:
     """Sum over spectra of each spectrum's ``k`` largest channels, left at their channels.
 
     spectra : (N, C). Returns (C,) float64. This is XRF-Maps' ``Max_Channels_Integrated_Spectra``
     (k=1) and ``Max_10_Channels_Integrated_Spectra`` (k=10): channels are taken largest first,
-    the lowest channel first among equal values.
+    the lowest channel first among equal values. Works ``piece`` spectra at a time.
     """
-    x = np.asarray(spectra, dtype=np.float64)
-    n, c = x.shape
+    n, c = spectra.shape
     out = np.zeros(c, dtype=np.float64)
     if n == 0 or c == 0:
         return out
     k = min(k, c)
-    kth = -np.partition(-x, k - 1, axis=1)[:, k - 1 : k]  # (N, 1) k-th largest value
-    above = x > kth
-    tied = x == kth
-    need = k - above.sum(1, keepdims=True)  # how many of the tied channels are taken, lowest first
-    take = above | (tied & (np.cumsum(tied, axis=1) <= need))
-    return np.where(take, x, 0.0).sum(0)
+    for s0 in range(0, n, piece):
+        x = np.asarray(spectra[s0 : s0 + piece], dtype=np.float64)
+        if k == 1:  # argmax takes the lowest channel among equal maxima
+            idx = np.argmax(x, axis=1)
+            out += np.bincount(idx, weights=x[np.arange(len(x)), idx], minlength=c)
+            continue
+        kth = -np.partition(-x, k - 1, axis=1)[:, k - 1 : k]  # (n, 1) k-th largest value
+        above = x > kth
+        tied = x == kth
+        need = k - above.sum(1, keepdims=True)  # how many tied channels are taken, lowest first
+        take = above | (tied & (np.cumsum(tied, axis=1) <= need))
+        out += np.where(take, x, 0.0).sum(0)
+    return out
 
 
 def _pv_text(value) -> str:
@@ -671,7 +670,7 @@ def write_xrfmaps_h5(
         energy calibration and its parameters under ``/MAPS/Fit_Parameters_Override``.
     results : ``{routine: {"channel_names", "counts_per_sec" (N, rows, cols), "units",
         "Fitted_Integrated_Spectra", "FIT_Integrated_Background"}}`` for ``/MAPS/XRF_Analyzed``.
-    chunk_rows : rows read and written at a time (default: about 256 MB of spectra).
+    chunk_rows : rows read and written at a time (default: about 16 MB of spectra).
 
     Spectra are streamed block by block. Every file is written to a temporary name in the
     target folder and renamed when complete, so an interrupted write leaves no file under the
@@ -702,6 +701,8 @@ def write_xrfmaps_h5(
                 flat = part.reshape(-1, dataset.channels)
                 top1[i] += max_channel_sums(flat, 1)
                 top10[i] += max_channel_sums(flat, 10)
+                del part, flat
+            del block  # one block in memory at a time
         for i, sink in enumerate(sinks):
             _ds(sink["integrated"], "Spectra", totals[i].astype(np.float32))
             _ds(sink["integrated"], "Max_Channels_Integrated_Spectra", top1[i].astype(np.float32))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mapstorch.io.dataset import DataFileError, Dataset
+from mapstorch.io.dataset import DataFileError, Dataset, check_counts
 from mapstorch.io.scalers import scaler_labels
 
 __all__ = [
@@ -501,10 +501,7 @@ def read_mda_dataset(path: str | os.PathLike[str], roles: dict[str, str] | None 
                     f"channels, pixel (0, 0) {n_det} x {channels}; detectors do not match"
                 )
             spectra[i, j] = np.stack([d.data for d in mca.detectors])
-    bad = ~np.isfinite(spectra) | (spectra < 0)
-    if bad.any():
-        idx = tuple(int(v) for v in np.argwhere(bad)[0])
-        raise DataFileError(f"{mda.path}: spectrum value {spectra[idx]} at (row, col, detector, channel) {idx}")
+    check_counts(spectra, mda.path)
     det_names = [d.name or f"mca{d.number}" for d in first.detectors]
     if mda.rank == 3:
         scalers, units = _scaler_maps(row_scans, cols)
