@@ -45,3 +45,40 @@ def csv_source(xrfmaps_reference: Path):
 @pytest.fixture(scope="session")
 def override_2ide() -> Path:
     return require_shared("xrfmaps-2ide", "maps_fit_parameters_override.txt")
+
+
+def damaged_copy(data, original: bytes, path: Path, hot: int | None = None, max_flips: int = 8) -> Path:
+    """Write ``original`` to ``path`` with random bit flips (drawn from hypothesis ``data``; half of
+    them within the first ``hot`` bytes, where headers live, when given) and a random truncation."""
+    from hypothesis import strategies as st
+
+    buf = bytearray(original)
+    anywhere = st.integers(0, len(buf) - 1)
+    where = anywhere | st.integers(0, min(hot, len(buf)) - 1) if hot else anywhere
+    for _ in range(data.draw(st.integers(0, max_flips))):
+        buf[data.draw(where)] ^= 1 << data.draw(st.integers(0, 7))
+    keep = data.draw(st.sampled_from([len(buf), data.draw(st.integers(0, len(buf)))]))
+    path.write_bytes(bytes(buf[:keep]))
+    return path
+
+
+def read_or_clear_error(path: Path, *readers, seconds: float = 5.0) -> None:
+    """Each reader either reads ``path`` completely or raises a MapstorchError, within ``seconds``.
+
+    A reader returning a Dataset has all its spectra read and summarised, then closed."""
+    import time
+
+    from mapstorch.errors import MapstorchError
+    from mapstorch.io.dataset import Dataset
+
+    t0 = time.perf_counter()
+    for read in readers:
+        try:
+            out = read(path)
+            if isinstance(out, Dataset):
+                with out:
+                    out.read()
+                    out.summary()
+        except MapstorchError:
+            pass
+    assert time.perf_counter() - t0 < seconds

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import damaged_copy, read_or_clear_error, require_shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mapstorch.io.arrays import read_array
 from mapstorch.io.dataset import DataFileError
 from mapstorch.io.mca import read_gse_mca
-
-from conftest import require_shared
 
 
 def simple_parse(path):
@@ -74,15 +73,9 @@ def test_gse_not_mca(tmp_path, content):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_gse_fuzz_only_data_file_errors(tmp_path, data):
-    raw = bytearray(require_shared("gse-mca", "xrf_spectra.mca").read_bytes())
-    for _ in range(data.draw(st.integers(0, 6))):
-        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
-    p = tmp_path / "fuzz.mca"
-    p.write_bytes(bytes(raw[: data.draw(st.integers(0, len(raw)))]))
-    try:
-        read_gse_mca(p)
-    except DataFileError:
-        pass
+    raw = require_shared("gse-mca", "xrf_spectra.mca").read_bytes()
+    p = damaged_copy(data, raw, tmp_path / "fuzz.mca", hot=2048)
+    read_or_clear_error(p, read_gse_mca)
 
 
 # ----------------------------------------------------------------------------- arrays

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
+from conftest import damaged_copy, read_or_clear_error, require_shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mapstorch.io.dataset import DataFileError
 from mapstorch.io.mda import read_mda, read_mda_dataset, read_mda_scalers
 from mapstorch.io.override import read_override
-
-from conftest import require_shared
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +96,5 @@ def small_mda(tmp_path_factory):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_only_data_file_errors(small_mda, tmp_path, data):
-    buf = bytearray(small_mda)
-    n_flips = data.draw(st.integers(0, 8))
-    for _ in range(n_flips):
-        i = data.draw(st.integers(0, len(buf) - 1))
-        buf[i] ^= 1 << data.draw(st.integers(0, 7))
-    cut = data.draw(st.integers(0, len(buf)))
-    p = tmp_path / "fuzz.mda"
-    p.write_bytes(bytes(buf[:cut]))
-    t0 = time.perf_counter()
-    for fn in (read_mda, read_mda_scalers):
-        try:
-            fn(p)
-        except DataFileError:
-            pass
-    assert time.perf_counter() - t0 < 5.0
+    p = damaged_copy(data, small_mda, tmp_path / "fuzz.mda", hot=4096)
+    read_or_clear_error(p, read_mda, read_mda_scalers, read_mda_dataset)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import require_shared
 
 from mapstorch.errors import OverrideFileError
 from mapstorch.io.override import read_override
-
-from conftest import require_shared
 
 
 def test_2ide_override(override_2ide):

@@ -9,14 +9,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN
 
 from mapstorch.io.override import read_override
 from mapstorch.parameters import ParameterSet
 from mapstorch.physics.lines import build_line_table
 from mapstorch.physics.model import FitWindow, SpectrumModel
 from mapstorch.physics.snip import snip_background
-
-from conftest import GOLDEN
 
 
 def load(name):

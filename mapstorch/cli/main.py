@@ -96,10 +96,8 @@ def _write_json(path: str, payload: dict) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from mapstorch.io.hdf5 import write_xrfmaps_h5
-    from mapstorch.io.open import open_dataset
+    from mapstorch.io.open import open_dataset, override_beside
     from mapstorch.io.override import read_override
-
-    from mapstorch.io.open import override_beside
 
     found = args.override or override_beside(args.file)
     override = read_override(found) if found else None

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 
 from mapstorch.io.dataset import DataFileError, Dataset
+from mapstorch.io.files import read_bytes
 
 __all__ = ["read_gse_mca", "is_gse_mca"]
 
@@ -74,14 +74,7 @@ def read_gse_mca(path: str | os.PathLike[str]) -> Dataset:
     Raises :class:`DataFileError` naming the file and line for anything malformed.
     """
     p = os.fspath(path)
-    try:
-        raw = Path(p).read_bytes()
-    except FileNotFoundError:
-        raise DataFileError(f"MCA file not found: {p}") from None
-    except IsADirectoryError:
-        raise DataFileError(f"{p} is a folder; give the path of an .mca file") from None
-    except OSError as exc:
-        raise DataFileError(f"cannot read {p}: {exc.strerror or exc}") from None
+    raw = read_bytes(p, "MCA file")
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError as exc:

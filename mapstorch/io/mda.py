@@ -33,11 +33,11 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from mapstorch.io.dataset import DataFileError, Dataset, check_counts
+from mapstorch.io.files import read_bytes
 from mapstorch.io.scalers import scaler_labels
 
 __all__ = [
@@ -245,14 +245,7 @@ def read_mda(path: str | os.PathLike[str]) -> MdaFile:
     header or first scan; later damage (an aborted or truncated scan) is recorded in ``notes``.
     """
     p = os.fspath(path)
-    try:
-        buf = Path(p).read_bytes()
-    except FileNotFoundError:
-        raise DataFileError(f"MDA file not found: {p}") from None
-    except IsADirectoryError:
-        raise DataFileError(f"{p} is a folder; give the path of an .mda file") from None
-    except OSError as exc:
-        raise DataFileError(f"cannot read {p}: {exc.strerror or exc}") from None
+    buf = read_bytes(p, "MDA file")
     if not is_mda(buf[:12]):
         raise DataFileError(f"{p} is not an EPICS MDA file (no MDA header: version 1.x, scan number, rank 1-4)")
     x = _Xdr(buf)

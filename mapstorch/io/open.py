@@ -20,28 +20,17 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from mapstorch.errors import OverrideFileError
 from mapstorch.io.dataset import DataFileError, Dataset
+from mapstorch.io.files import read_bytes
 from mapstorch.io.hdf5 import is_hdf5
 from mapstorch.io.mda import is_mda
-from mapstorch.errors import OverrideFileError
 from mapstorch.io.override import OverrideFile, find_override, read_override
 from mapstorch.io.scalers import apply_override_scalers
 
 __all__ = ["detect_format", "open_dataset", "override_beside", "FORMATS"]
 
 FORMATS = ("xrfmaps-hdf5-v10", "xrfmaps-hdf5-v9", "flyscan-hdf5", "mda", "gse-mca", "npy", "text")
-
-
-def _head(path: Path, n: int = 4096) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(n)
-    except FileNotFoundError:
-        raise DataFileError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataFileError(f"{path} is a folder; give the path of a data file") from None
-    except OSError as exc:
-        raise DataFileError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _hdf5_kind(path: Path) -> str:
@@ -67,7 +56,7 @@ def _hdf5_kind(path: Path) -> str:
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The format name of a file (see module docstring); DataFileError if none fits."""
     p = Path(path)
-    head = _head(p)
+    head = read_bytes(p, "data file", limit=4096)
     if not head:
         raise DataFileError(f"{p} is empty")
     if is_hdf5(head):

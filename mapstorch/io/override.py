@@ -42,8 +42,8 @@ from mapstorch.physics.elements import parse_component
 
 if TYPE_CHECKING:  # PyTorch is imported only when a ParameterSet or line table is asked for
     from mapstorch.parameters.set import ParameterSet
-    from mapstorch.physics.lines import LineTable
     from mapstorch.physics.library.base import LineSource
+    from mapstorch.physics.lines import LineTable
 
 __all__ = ["Entry", "OverrideFile", "read_override", "find_override", "atomic_write_text"]
 

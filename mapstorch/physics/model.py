@@ -21,15 +21,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 from torch import Tensor
 
 from mapstorch.errors import InputError
 from mapstorch.parameters.set import N_SHAPE, ParameterSet
-from mapstorch.physics.lines import LineTable, TorchLines
 from mapstorch.physics.coefficients import line_coefficients
-from mapstorch.physics.profiles import Peaks, expand_to, evaluate_peaks
+from mapstorch.physics.lines import LineTable, TorchLines
+from mapstorch.physics.profiles import Peaks, evaluate_peaks, expand_to
 from mapstorch.physics.shapes import FANO_EPSILON_XRFMAPS, detector_sigma
 from mapstorch.physics.spectrum import (
     ESCAPE_EDGE_KEV,

@@ -1,0 +1,25 @@
+"""Reading input files with one clear error for each way it can fail."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mapstorch.io.dataset import DataFileError
+
+__all__ = ["read_bytes"]
+
+
+def read_bytes(path: str | os.PathLike[str], what: str = "data file", limit: int | None = None) -> bytes:
+    """The bytes of ``path`` (the first ``limit`` only, if given); DataFileError naming ``what``
+    when it is missing, a folder or unreadable."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            return fh.read() if limit is None else fh.read(limit)
+    except FileNotFoundError:
+        raise DataFileError(f"{what} not found: {p}") from None
+    except IsADirectoryError:
+        raise DataFileError(f"{p} is a folder; give the path of the {what}") from None
+    except OSError as exc:
+        raise DataFileError(f"cannot read {p}: {exc.strerror or exc}") from None
