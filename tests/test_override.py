@@ -49,7 +49,7 @@ def test_unknown_element_and_missing_file(tmp_path):
         read_override(p)
     with pytest.raises(OverrideFileError, match="not found"):
         read_override(tmp_path / "missing.txt")
-    with pytest.raises(OverrideFileError, match="directory"):
+    with pytest.raises(OverrideFileError, match="is a folder"):
         read_override(tmp_path)
 
 
@@ -66,6 +66,17 @@ def test_read_write_is_byte_identical(parts, tmp_path):
     src = require_shared(*parts)
     out = read_override(src).write(tmp_path / "copy.txt")
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_windows_line_endings_survive(tmp_path, override_2ide):
+    crlf = override_2ide.read_bytes().replace(b"\n", b"\r\n")
+    src = tmp_path / "crlf.txt"
+    src.write_bytes(crlf)
+    ov = read_override(src)
+    assert ov.write(tmp_path / "copy.txt").read_bytes() == crlf
+    changed = ov.with_values({"COMPTON_ANGLE": 90.5}).write(tmp_path / "changed.txt").read_bytes()
+    assert b"COMPTON_ANGLE: 90.5\r\n" in changed and b"\n" not in changed.replace(b"\r\n", b"")
+    assert read_override(tmp_path / "changed.txt").parameters["COMPTON_ANGLE"] == 90.5
 
 
 @pytest.mark.parametrize("parts", ALL_FILES, ids=lambda p: p[-1])

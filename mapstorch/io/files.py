@@ -10,16 +10,17 @@ from mapstorch.io.dataset import DataFileError
 __all__ = ["read_bytes"]
 
 
-def read_bytes(path: str | os.PathLike[str], what: str = "data file", limit: int | None = None) -> bytes:
-    """The bytes of ``path`` (the first ``limit`` only, if given); DataFileError naming ``what``
-    when it is missing, a folder or unreadable."""
+def read_bytes(path: str | os.PathLike[str], what: str = "data file", limit: int | None = None,
+               error: type[Exception] = DataFileError) -> bytes:
+    """The bytes of ``path`` (the first ``limit`` only, if given); ``error`` naming ``what`` when
+    it is missing, a folder or unreadable."""
     p = Path(path)
     try:
         with open(p, "rb") as fh:
             return fh.read() if limit is None else fh.read(limit)
     except FileNotFoundError:
-        raise DataFileError(f"{what} not found: {p}") from None
+        raise error(f"{what} not found: {p}") from None
     except IsADirectoryError:
-        raise DataFileError(f"{p} is a folder; give the path of the {what}") from None
+        raise error(f"{p} is a folder; give the path of the {what}") from None
     except OSError as exc:
-        raise DataFileError(f"cannot read {p}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {p}: {exc.strerror or exc}") from None

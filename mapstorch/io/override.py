@@ -37,6 +37,7 @@ import numpy as np
 
 from mapstorch.errors import ElementError, OverrideFileError
 from mapstorch.io.atomic import atomic_write_text as _atomic_write_text
+from mapstorch.io.files import read_bytes
 from mapstorch.parameters.table import SHAPE_PARAMETER_NAMES, file_key, name_from_file_key
 from mapstorch.physics.elements import parse_component
 
@@ -270,15 +271,8 @@ _PARAM_KEYS = set(SHAPE_PARAMETER_NAMES)
 def read_override(path: str | os.PathLike[str]) -> OverrideFile:
     """Read an override file; see the module docstring for what is interpreted."""
     p = os.fspath(path)
-    try:
-        with open(p, encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise OverrideFileError(f"override file not found: {p}") from None
-    except IsADirectoryError:
-        raise OverrideFileError(f"{p} is a directory; pass the maps_fit_parameters_override.txt file") from None
-    except OSError as exc:
-        raise OverrideFileError(f"cannot read override file {p}: {exc}") from None
+    text = read_bytes(p, "override file (maps_fit_parameters_override.txt)", error=OverrideFileError).decode(
+        "utf-8", errors="replace")  # bytes, not text mode: line endings are kept as they are
     if "\x00" in text:
         raise OverrideFileError(f"{p} is a binary file, not a maps_fit_parameters_override.txt")
     ov = _parse_lines(p, text.splitlines())
