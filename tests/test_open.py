@@ -283,3 +283,20 @@ def test_reading_files_does_not_import_torch(tmp_path):
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_convert_uses_per_detector_override_files(capsys, tmp_path):
+    """maps_fit_parameters_override.txt2 serves detector 2, the others fall back to the plain file."""
+    src = require_shared("gse-mca", "srm1832.mca")
+    text = require_shared("xrfmaps-2ide", "maps_fit_parameters_override.txt").read_text()
+    (tmp_path / "maps_fit_parameters_override.txt").write_text(text)
+    (tmp_path / "maps_fit_parameters_override.txt2").write_text(
+        text.replace("CAL_SLOPE_[E_LINEAR]: 0.0095216077", "CAL_SLOPE_[E_LINEAR]: 0.0146"))
+    shutil.copyfile(src, tmp_path / "srm1832.mca")
+    out = _ok(capsys, ["convert", str(tmp_path / "srm1832.mca"), "-o", str(tmp_path / "s.h5"), "--per-detector"])
+    assert "override.txt2 (detector 2)" in out
+    slopes = []
+    for d in range(4):
+        with read_xrfmaps_h5(tmp_path / f"s.h5{d}") as ds:
+            slopes.append(ds.calibration[0][1])
+    assert slopes == pytest.approx([0.0095216077, 0.0095216077, 0.0146, 0.0095216077])

@@ -103,7 +103,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     override = read_override(found) if found else None
     lines = [f"override    {found}" + ("" if args.override else " (found beside the data)")] if found else []
     with open_dataset(args.file, format=args.format, override=override, channel_axis=args.channel_axis) as ds:
-        written = write_xrfmaps_h5(args.output, ds, override=override, per_detector=args.per_detector)
+        per = []
+        if found and args.per_detector:  # maps_fit_parameters_override.txt<N> beside it, as XRF-Maps
+            base = Path(found)
+            per = [read_override(f"{base}{d}") if Path(f"{base}{d}").is_file() else None for d in range(ds.detectors)]
+            lines += [f"override    {base}{d} (detector {d})" for d, o in enumerate(per) if o is not None]
+        written = write_xrfmaps_h5(args.output, ds, override=override, per_detector=args.per_detector,
+                                   detector_overrides=per if any(o is not None for o in per) else None)
         lines += [f"note        {n}" for n in ds.notes]
     lines += [f"wrote       {path}" for path in written]
     sys.stdout.write("\n".join(lines) + "\n")

@@ -658,6 +658,7 @@ def write_xrfmaps_h5(
     *,
     override=None,
     per_detector: bool = False,
+    detector_overrides: Sequence | None = None,
     results: Mapping[str, Mapping[str, object]] | None = None,
     chunk_rows: int | None = None,
     compression: str | None = "gzip",
@@ -668,6 +669,9 @@ def write_xrfmaps_h5(
     per_detector : also write ``<path>0``, ``<path>1``, ... one per detector element.
     override : an :class:`~mapstorch.io.override.OverrideFile`; its calibration is written as the
         energy calibration and its parameters under ``/MAPS/Fit_Parameters_Override``.
+    detector_overrides : one override file (or None) per detector for the per-detector files, as
+        XRF-Maps uses ``maps_fit_parameters_override.txt<N>`` for element N; None entries (or no
+        list) fall back to ``override``.
     results : ``{routine: {"channel_names", "counts_per_sec" (N, rows, cols), "units",
         "Fitted_Integrated_Spectra", "FIT_Integrated_Background"}}`` for ``/MAPS/XRF_Analyzed``.
     chunk_rows : rows read and written at a time (default: about 16 MB of spectra).
@@ -687,7 +691,14 @@ def write_xrfmaps_h5(
             tmp = temporary_beside(final)
             temps.append(tmp)
             files.append(h5py.File(tmp, "w"))
-        sinks = [_write_file(h5, dataset, None if i == 0 else i - 1, override, results, compression)
+        per = list(detector_overrides or [])
+        if per and len(per) != dataset.detectors:
+            raise DataFileError(f"detector_overrides has {len(per)} entries for {dataset.detectors} detectors")
+
+        def override_of(i: int):
+            return per[i - 1] if i > 0 and per and per[i - 1] is not None else override
+
+        sinks = [_write_file(h5, dataset, None if i == 0 else i - 1, override_of(i), results, compression)
                  for i, h5 in enumerate(files)]
         n = len(sinks)
         totals = np.zeros((n, dataset.channels), dtype=np.float64)

@@ -368,6 +368,30 @@ def _has_mca_dimension(scan: MdaScan) -> bool:
     return not inner.positioners and inner.requested_points >= 64 and bool(inner.detectors)
 
 
+def _single_spectrum(mda: MdaFile, scan: MdaScan) -> Dataset:
+    det_names = [d.name or f"mca{d.number}" for d in scan.detectors]
+    spectra = np.stack([d.data for d in scan.detectors])[None, None].astype(np.float32)
+    check_counts(spectra, mda.path)
+    notes = list(mda.notes)
+    if scan.last_point < scan.requested_points:
+        notes.append(f"acquisition saved at channel {scan.last_point} of {scan.requested_points}")
+
+    def from_extra(suffix: str) -> np.ndarray | None:
+        keys = [f"{n.rsplit('.', 1)[0]}.{suffix}" for n in det_names]
+        if not all(k in mda.extra_pvs for k in keys):
+            return None
+        return np.array([[[float(np.ravel(mda.extra_pvs[k]["value"])[0]) for k in keys]]])
+
+    provenance = _provenance(mda)
+    return Dataset(
+        path=mda.path, format="mda", rows=1, cols=1, detectors=len(det_names), channels=scan.requested_points,
+        calibration=_calibration(mda.extra_pvs, det_names, notes), spectra=spectra,
+        live_time=from_extra("ELTM"), real_time=from_extra("ERTM"), count_units="counts/s",
+        incident_energy=_incident_energy(mda.extra_pvs, provenance), extra_pvs=dict(mda.extra_pvs),
+        detector_names=det_names, provenance=provenance, notes=notes,
+    )
+
+
 def _provenance(mda: MdaFile) -> dict[str, object]:
     scan = mda.scan
     return {
@@ -437,7 +461,8 @@ def _incident_energy(extra: dict[str, dict], provenance: dict[str, object]) -> f
 def read_mda_dataset(path: str | os.PathLike[str], roles: dict[str, str] | None = None) -> Dataset:
     """A :class:`Dataset` from an MDA scan whose innermost dimension holds MCA spectra.
 
-    rank 3: a map (rows = outer scan, cols = middle scan); rank 2: one row of spectra. The
+    rank 3: a map (rows = outer scan, cols = middle scan); rank 2: one row of spectra; rank 1:
+    one spectrum per detector element (a 1 x 1 map; live and real time from the extra PVs). The
     innermost scan's detectors are the detector elements (their MCA arrays the spectra); the
     detectors one level up are the scalers. ``roles`` maps override-file keys (``US_IC``,
     ``DS_IC``, ``SRCURRENT``, ``ELT1``, ``ERT1``, ``ICR1``, ``OCR1``, ...) to scaler PV names.
@@ -447,12 +472,14 @@ def read_mda_dataset(path: str | os.PathLike[str], roles: dict[str, str] | None 
     """
     mda = read_mda(path)
     scan = mda.scan
-    if scan is None or mda.rank < 2 or not _has_mca_dimension(scan):
+    if scan is None or not _has_mca_dimension(scan):
         raise DataFileError(
             f"{mda.path}: this rank-{mda.rank} MDA scan holds no spectra (no innermost MCA dimension; a map with "
-            "spectra is rank 3, a line of spectra rank 2). A fly scan's MDA file holds only scalers: open the "
-            "fly scan's HDF5 file instead"
+            "spectra is rank 3, a line of spectra rank 2, one spectrum rank 1). A fly scan's MDA file holds only "
+            "scalers: open the fly scan's HDF5 file instead"
         )
+    if mda.rank == 1:  # the scan is the MCA dimension itself: one spectrum per detector element
+        return _single_spectrum(mda, scan)
     if mda.rank == 2:  # one row of spectra: the outer scan is the column scan
         row_scans, cols, notes = [scan], scan.last_point, list(mda.notes)
         if cols < scan.requested_points:
