@@ -302,3 +302,12 @@ def small_h5(tmp_path_factory):
 def test_fuzz_only_data_file_errors(small_h5, tmp_path, data):
     p = damaged_copy(data, small_h5, tmp_path / "fuzz.h5", hot=8192)
     read_or_clear_error(p, read_xrfmaps_h5, read_xrfmaps_results)
+
+
+def test_per_detector_files_that_do_not_match(tmp_path):
+    (a,) = write_xrfmaps_h5(tmp_path / "a.h5", synthetic(rows=5, cols=4, dets=1, chans=64))
+    (b,) = write_xrfmaps_h5(tmp_path / "b.h5", synthetic(rows=5, cols=3, dets=1, chans=64))
+    with pytest.raises(DataFileError, match=r"do not match .*a.h5: 5x4x64, b.h5: 5x3x64"):
+        read_xrfmaps_h5_detectors([a, b])
+    with pytest.raises(DataFileError, match="no files given"):
+        read_xrfmaps_h5_detectors([])

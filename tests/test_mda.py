@@ -139,3 +139,18 @@ def test_rank_2_line_and_rank_1_spectrum(map_path, tmp_path):
     eltm = [raw.extra_pvs[f"dxpXMAP2xfm3:mca{d}.ELTM"]["value"] for d in range(1, 5)]
     assert one.live_time[0, 0] == pytest.approx(eltm) and one.real_time is not None
     assert one.calibration[0] == pytest.approx([0.05, 0.0094, 0.0])
+
+
+def test_pixels_with_different_detectors_are_refused(map_path, tmp_path):
+    from dataclasses import replace
+
+    from mda_writer import write_mda
+
+    raw = read_mda(map_path)
+    row = raw.scan.sub_scans[0]
+    odd = replace(row.sub_scans[4], detectors=row.sub_scans[4].detectors[:3])  # one element missing
+    broken = replace(raw.scan, sub_scans=[replace(row, sub_scans=row.sub_scans[:4] + [odd] + row.sub_scans[5:])]
+                     + raw.scan.sub_scans[1:])
+    write_mda(tmp_path / "odd.mda", broken, raw.dimensions, raw.extra_pvs)
+    with pytest.raises(DataFileError, match=r"pixel \(0, 4\) has 3 detectors x 2000 channels.*do not match"):
+        read_mda_dataset(tmp_path / "odd.mda")
