@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.set_defaults(func=_cmd_convert)
 
+    from mapstorch.cli.fit import add_fit_parser
+
+    add_fit_parser(sub, _data_options)
+
     p = sub.add_parser("lines", help="show the emission lines of components, e.g. 'Fe Pb_L Au_M Si_Cl'")
     p.add_argument("components", nargs="+", help="component names: Fe, Fe_L, Au_M, Si_Cl, ...")
     p.add_argument("--detector", choices=("Si", "Ge"), default="Si", help="detector material (mu_fraction)")

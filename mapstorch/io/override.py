@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # PyTorch is imported only when a ParameterSet or line table 
     from mapstorch.physics.library.base import LineSource
     from mapstorch.physics.lines import LineTable
 
-__all__ = ["Entry", "OverrideFile", "read_override", "find_override", "atomic_write_text"]
+__all__ = ["Entry", "OverrideFile", "read_override", "find_override", "atomic_write_text", "new_override"]
 
 _BRANCHING_KEYS = {
     "BRANCHING_RATIO_ADJUSTMENT_K": ("ratio_k", 4),
@@ -217,6 +217,34 @@ class OverrideFile:
         values.update({f"{k}_MIN": v for k, v in self.lower.items()})
         values.update({f"{k}_MAX": v for k, v in self.upper.items()})
         return ps.with_maps_values(values)
+
+
+def new_override(params: ParameterSet, detector: str = "Si", name: str = "mapstorch",
+                 date: str | None = None) -> OverrideFile:
+    """A fresh override file for ``params`` (values; bounds of the free parameters; the
+    components as ELEMENTS_TO_FIT / ELEMENTS_WITH_PILEUP), for when no input file exists.
+    ``path`` is ``"<new>"`` until written."""
+    import datetime
+
+    comps = [parse_component(c) for c in params.components]
+    stamp = date or datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+    lines = [
+        "   This file will override default fit settings for the maps program (written by mapstorch).",
+        "   note, the filename MUST be maps_fit_parameters_override.txt",
+        "VERSION: 5.0",
+        f"DATE: {stamp}",
+        "DETECTOR_ELEMENTS: 1",
+        f"IDENTIFYING_NAME_[WHATEVERE_YOU_LIKE]: {name}",
+        "   list the elements that you want to be fit. For K lines, just use the element",
+        "   name, for L lines add _L, e.g., Au_L, for M lines add _M",
+        "ELEMENTS_TO_FIT: " + ", ".join(c.name for c in comps if c.partner is None),
+        "   list the element combinations you want to fit for pileup, e.g., Si_Si, Si_Cl",
+        "ELEMENTS_WITH_PILEUP: " + ", ".join(c.name for c in comps if c.partner is not None),
+        "   detector material: 0 = Germanium, 1 = Silicon",
+        f"DETECTOR_MATERIAL: {1 if detector == 'Si' else 0}",
+        "   fit parameters (file keys as XRF-Maps reads them)",
+    ]
+    return _parse_lines("<new>", lines).with_values(params, bounds=True)
 
 
 def _numbers(text: str, path: str, lineno: int, key: str) -> list[float]:
