@@ -11,7 +11,7 @@ import torch
 
 from mapstorch.errors import InputError
 from mapstorch.fit import fit_spectrum
-from mapstorch.fit.guess import guess_start
+from mapstorch.fit.guess import check_incident_energy, guess_start, residual_peaks
 from mapstorch.fit.objectives import objective_terms, poisson_deviance
 from mapstorch.fit.problem import shape_jacobian
 from mapstorch.fit.solvers import levenberg_marquardt
@@ -350,6 +350,81 @@ def test_fit_2ide_summed_spectrum_with_the_beamline_override(tmp_path):
     kept = set(out.read_text().splitlines())
     unchanged = [line for line in original if line.startswith(("ELEMENTS_TO_FIT", "US_IC", "DETECTOR_ELEMENTS"))]
     assert unchanged and all(line in kept for line in unchanged)
+
+
+def test_short_staging_from_a_given_start_matches_the_full_plan():
+    sim = simulate_spectrum(seed=3, params=WIDE_SNIP)
+    short = fit_spectrum(sim.counts, sim.lines.names, params=sim.params)
+    full = fit_spectrum(sim.counts, sim.lines.names, params=sim.params, staged=True)
+    assert [s.name for s in short.stages] == ["calibration", "all"]
+    assert len(full.stages) > 2 and short.status == full.status == "converged"
+    assert short.deviance == pytest.approx(full.deviance, rel=1e-4)
+    for name in ("Fe", "Ca", "Zn"):
+        assert short.counts[name] == pytest.approx(full.counts[name], rel=1e-3)
+
+
+def test_a_missing_element_is_reported_as_an_unexplained_peak():
+    sim = simulate_spectrum(seed=1, params=WIDE_SNIP)
+    complete = fit_spectrum(sim.counts, sim.lines.names, params=sim.params)
+    assert not any("unexplained" in n for n in complete.notes), complete.notes
+    without_zn = [n for n in sim.lines.names if n != "Zn"]
+    r = fit_spectrum(sim.counts, without_zn, params=sim.params)
+    note = next(n for n in r.notes if "unexplained" in n)
+    energies = [float(part.split(" keV")[0].split()[-1]) for part in note.split("(+")[:-1]]
+    assert any(abs(e - 8.63) < 0.1 for e in energies), note  # Zn Ka
+
+
+def test_residual_peaks_golden():
+    e = np.linspace(1.0, 11.0, 1001)
+    model = np.full(e.shape, 100.0)
+    data = model + 400.0 * np.exp(-0.5 * ((e - 6.0) / 0.05) ** 2) + 400.0 * np.exp(-0.5 * ((e - 9.8) / 0.05) ** 2)
+    found = residual_peaks(data, model, e, fwhm=0.12)
+    assert sorted(round(f[0], 1) for f in found) == [6.0, 9.8]
+    # the excess summed over one FWHM (12 channels) of a Gaussian of 400 x 5 channels sigma x sqrt(2 pi)
+    assert found[0][1] == pytest.approx(400 * 5 * math.sqrt(2 * math.pi) * 0.7699, rel=0.05)
+    assert residual_peaks(data, model, e, fwhm=0.12, exclude=(9.0, 10.0))[0][0] == pytest.approx(6.0, abs=0.02)
+    assert residual_peaks(model, model, e) == []
+
+
+def test_stale_incident_energy_from_the_data_file_is_caught():
+    sim = simulate_spectrum(seed=0)
+    off, slope, quad = (float(sim.params[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC"))
+    top = off + slope * (len(sim.counts) - 1)
+    e0, note = check_incident_energy(sim.counts, 10.0, off, slope, quad)
+    assert e0 == 10.0 and note is None
+    e0, note = check_incident_energy(sim.counts, top + 5.0, off, slope, quad)
+    assert e0 == pytest.approx(10.0, abs=0.05) and "lies above the spectrum" in note
+
+
+# element lists from the files' own ROI labels (xrf_spectra.mca: Sc and Pt_L for the peaks its
+# labels miss; its "Au La" peak is Pt: Au L3 cannot be excited at 11.8 keV)
+GSE_CASES = {
+    "srm1832.mca": ("Cl,Ar,Ca,V,Mn,Co,Cu", 12.56, 1.3e3),
+    "xrf_spectra.mca": ("Ca,Sc,Ti,V,Cr,Mn,Fe,Ni,Cu,Zn,Pt_L", 11.8, 10.0),
+    "axorf4_21kev_i050.xrf": ("P,S,K,Ca,Cr,Mn,Fe,Cu,Zn,Hg_L,Pb_L,Br,Sr", 21.0, 1.0e3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GSE_CASES))
+def test_gse_mca_spectra_fit(name, tmp_path):
+    from conftest import require_shared
+
+    from mapstorch.cli.main import main
+
+    path = require_shared("gse-mca") / name
+    elements, e0, rchi2_max = GSE_CASES[name]
+    out = tmp_path / "fit.json"
+    assert main(["fit", str(path), "--elements", elements, "--json", str(out), "--no-progress"]) == 0
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["status"] == "converged"
+    p = r["parameters"]
+    assert p["COHERENT_SCT_ENERGY"]["value"] == pytest.approx(e0, rel=0.01)
+    fwhm_6kev = 2.3548 * math.sqrt((p["FWHM_OFFSET"]["value"] / 2.3548) ** 2 + 3.58 * 6.0 * p["FWHM_FANOPRIME"]["value"])
+    assert 0.08 < fwhm_6kev < 0.4
+    assert r["reduced_chi2"] < rchi2_max
+    assert all(math.isfinite(v["counts"]) and v["counts"] >= 0 for v in r["elements"].values())
 
 
 def test_cli_choices_match_the_library():

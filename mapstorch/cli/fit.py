@@ -79,12 +79,14 @@ def run_fit(args: argparse.Namespace) -> int:
         else:
             spectrum, cal = ds.integrated("sum"), ds.calibration[0]
             what = "sum of detectors" if ds.detectors > 1 else ds.detector_names[0] if ds.detector_names else "spectrum"
-        incident = args.incident_energy
+        incident, e0_note = args.incident_energy, None
         if incident is None and ds.incident_energy and not (override and "COHERENT_SCT_ENERGY" in override.parameters):
-            incident = ds.incident_energy
+            from mapstorch.fit.guess import check_incident_energy
+
+            incident, e0_note = check_incident_energy(spectrum, ds.incident_energy, *cal)
         head += [f"data        {ds.path}: {ds.rows} x {ds.cols} pixels, {what}, {ds.channels} channels, "
                  f"{spectrum.sum():.4g} counts"]
-        head += [f"note        {n}" for n in ds.notes]
+        head += [f"note        {n}" for n in ds.notes] + ([f"note        {e0_note}"] if e0_note else [])
     elements = [e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None
     free = [n.strip() for n in args.free.split(",") if n.strip()] if args.free else None
     guess = {"auto": None, "yes": True, "no": False}[args.guess]

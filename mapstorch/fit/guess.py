@@ -27,7 +27,8 @@ import numpy as np
 
 from mapstorch.physics.lines import LineTable
 
-__all__ = ["StartingGuess", "guess_start", "find_peaks", "ELECTRON_REST_KEV"]
+__all__ = ["StartingGuess", "guess_start", "find_peaks", "elastic_energy", "check_incident_energy", "residual_peaks",
+           "ELECTRON_REST_KEV"]
 
 ELECTRON_REST_KEV = 511.0
 
@@ -247,3 +248,85 @@ def guess_start(
             guess.compton_angle = math.degrees(math.acos(cos_a))
             guess.notes.append(f"Compton peak at {e_c:.3f} keV: scattering angle {guess.compton_angle:.1f} deg")
     return guess
+
+
+def elastic_energy(counts: np.ndarray, offset: float, slope: float, quadratic: float = 0.0,
+                   fwhm: tuple[float, float] = (0.12, 0.00012)) -> tuple[float, float] | None:
+    """``(elastic energy, Compton energy)`` in keV read off a spectrum ``[C]`` alone: the
+    highest-energy strong peak (prominence >= 2 % of the largest) placed from its high-energy
+    edge, and the strongest peak within the largest possible Compton shift below it (``nan``
+    when there is none). ``None`` when the spectrum has no significant peak."""
+    from scipy.ndimage import gaussian_filter1d
+
+    y = np.asarray(counts, dtype=np.float64)
+    pos, prom = find_peaks(y)
+    keep = (pos > max(float(_channel(0.8, offset, slope, quadratic)), 4.0)) & (pos < len(y) - 4)
+    pos, prom = pos[keep], prom[keep]
+    if len(pos) == 0:
+        return None
+    strong = prom >= 0.02 * prom.max()
+    top = int(round(pos[strong].max()))
+    e_edge = float(_energy(_right_edge(gaussian_filter1d(y, 1.5), top), offset, slope, quadratic))
+    sigma = math.sqrt((fwhm[0] / 2.3548) ** 2 + 3.58 * e_edge * fwhm[1])
+    e_el = e_edge - 2.15 * sigma
+    e_min = compton_energy_kev(e_el, 180.0)
+    energies = _energy(pos, offset, slope, quadratic)
+    comp = strong & (energies >= e_min - 0.3 * (e_el - e_min)) & (energies < e_el - sigma)
+    e_c = float(energies[np.argmax(np.where(comp, prom, -1.0))]) if np.any(comp) else math.nan
+    return e_el, e_c
+
+
+def check_incident_energy(counts: np.ndarray, incident_energy: float, offset: float, slope: float,
+                          quadratic: float = 0.0) -> tuple[float, str | None]:
+    """Check an incident energy read from a data file's metadata (which may be stale) against
+    the spectrum ``[C]``: when it lies above the spectrum, or no peak sits near it, while the
+    spectrum shows an elastic peak with a Compton peak below it elsewhere, return that elastic
+    energy and a note saying so; otherwise ``(incident_energy, None)``."""
+    y = np.asarray(counts, dtype=np.float64)
+    found = elastic_energy(y, offset, slope, quadratic)
+    if found is None or not math.isfinite(found[1]):
+        return incident_energy, None
+    e_el, e_c = found
+    if abs(e_el - incident_energy) <= max(0.05 * incident_energy, 0.3):
+        return incident_energy, None
+    e_top = float(_energy(len(y) - 1, offset, slope, quadratic))
+    pos, prom = find_peaks(y)
+    strong = prom >= 0.02 * prom.max() if len(prom) else prom.astype(bool)
+    near = np.abs(_energy(pos[strong], offset, slope, quadratic) - incident_energy) <= 0.05 * incident_energy
+    if incident_energy <= e_top and np.any(near):
+        return incident_energy, None
+    where = (f"lies above the spectrum (top {e_top:.3g} keV)" if incident_energy > e_top
+             else "has no peak near it")
+    return e_el, (f"the data file's incident energy ({incident_energy:.4g} keV) {where}, but the spectrum has "
+                  f"an elastic peak at {e_el:.4g} keV with a Compton peak at {e_c:.4g} keV: using "
+                  f"{e_el:.4g} keV (give --incident-energy to override)")
+
+
+def residual_peaks(data: np.ndarray, model: np.ndarray, energies: np.ndarray, fwhm: float = 0.15,
+                   z_min: float = 10.0, fraction: float = 0.1, limit: int = 3,
+                   exclude: tuple[float, float] | None = None) -> list[tuple[float, float, float]]:
+    """Peaks the model leaves unexplained: ``[(keV, excess counts, significance)]``, largest
+    first, of local maxima of the data-minus-model excess summed over one ``fwhm`` (keV), less
+    the larger excess two FWHM to either side (so that broad background misfits do not count), that
+    are at least ``z_min`` Poisson standard deviations and ``fraction`` of the model there,
+    outside the ``exclude`` energy range (e.g. the scatter peaks, whose shape misfits are not
+    missing elements). ``data``, ``model``, ``energies``: ``[C]`` over the fit window."""
+    from scipy.signal import find_peaks as _find
+
+    d, m, e = (np.asarray(a, dtype=np.float64) for a in (data, model, energies))
+    if len(d) < 8:
+        return []
+    width = max(int(round(fwhm / max(abs(float(e[1] - e[0])), 1e-9))), 1)
+    kernel = np.ones(width)
+    excess = np.convolve(d - m, kernel, mode="same")
+    base = np.convolve(np.maximum(m, 1.0), kernel, mode="same")
+    # a peak stands out from the excess two FWHM to both sides (a broad background misfit does not)
+    shift = 2 * width
+    padded = np.pad(excess, shift, mode="edge")
+    excess = excess - np.maximum(np.maximum(padded[:-2 * shift], padded[2 * shift:]), 0.0)
+    z = excess / np.sqrt(base)
+    idx, _ = _find(z, height=z_min, distance=width)
+    keep = [i for i in idx if excess[i] >= fraction * base[i]
+            and not (exclude is not None and exclude[0] <= e[i] <= exclude[1])]
+    keep.sort(key=lambda i: -z[i])
+    return [(float(e[i]), float(excess[i]), float(z[i])) for i in keep[:limit]]

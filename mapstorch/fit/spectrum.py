@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from mapstorch.errors import InputError, ParameterError
-from mapstorch.fit.guess import guess_start
+from mapstorch.fit.guess import compton_energy_kev, guess_start, residual_peaks
 from mapstorch.fit.objectives import check_objective, objective_terms, pearson_chi2, poisson_deviance
 from mapstorch.fit.problem import SpectrumProblem, shape_jacobian
 from mapstorch.fit.result import FitResult, StageReport
@@ -41,6 +41,7 @@ from mapstorch.parameters.set import N_SHAPE, ParameterSet, index_of
 from mapstorch.parameters.table import AMPLITUDE_BOUNDS, SHAPE_PARAMETER_NAMES, file_key
 from mapstorch.physics.lines import LineTable, build_line_table
 from mapstorch.physics.model import FitWindow, SpectrumModel, fit_window
+from mapstorch.physics.shapes import FWHM_PER_SIGMA, detector_sigma
 from mapstorch.physics.snip import snip_background
 
 __all__ = ["fit_spectrum", "OPTIMIZERS", "STAGES", "Progress"]
@@ -281,17 +282,19 @@ class _Fit:
         n = prob.n_shape
         pen = self.penalty(prob, n)
         pen_a = None if pen is None else pen[n:]
-        self.amps, _ = prob.amplitudes(self.theta, self.amps, self.objective, pen_a)
+        # amplitudes the (sub-)window barely sees stay where they are (e.g. the elastic peak
+        # below the scatter region): their tails there cannot set them
+        seen = prob.model.counts(self.theta, torch.ones_like(self.amps))
+        whole = self.model.counts(self.theta, torch.ones_like(self.amps))
+        unseen = seen < 1e-3 * whole
+        amps, _ = prob.amplitudes(self.theta, self.amps, self.objective, pen_a)
+        self.amps = torch.where(unseen, self.amps, amps)
         idx = prob.free_index
         lo, hi = self.ps.lower[idx], self.ps.upper[idx]
         x0 = self.theta[idx].clone()
         if not varpro:
             zero = torch.zeros_like(self.amps)
-            # amplitudes the (sub-)window barely sees stay where they are (e.g. the elastic peak
-            # below the scatter region)
-            seen = prob.model.counts(self.theta, torch.ones_like(self.amps))
-            whole = self.model.counts(self.theta, torch.ones_like(self.amps))
-            hold = torch.cat([torch.zeros(n, dtype=torch.bool), seen < 1e-3 * whole])
+            hold = torch.cat([torch.zeros(n, dtype=torch.bool), unseen])
             p, info = levenberg_marquardt(
                 prob.joint, torch.cat([x0, self.amps]), torch.cat([lo, zero]), torch.cat([hi, zero + torch.inf]),
                 prob.data, self.objective, penalty=pen, hold=hold, max_iter=self.max_iter, tol=self.tol,
@@ -367,7 +370,7 @@ def fit_spectrum(
     objective: str = "poisson",
     sparsity: float = 0.0,
     guess: bool | None = None,
-    staged: bool = True,
+    staged: bool | None = None,
     max_iter: int | None = None,
     tol: float = 1e-4,
     learning_rate: float | None = None,
@@ -391,7 +394,10 @@ def fit_spectrum(
     sparsity : weight of an L1 penalty on element counts (loss units per count; 0 = off).
     guess : automatic starting calibration / incident energy / Compton angle; default on when
         the calibration does not come from ``params`` or ``calibration``.
-    staged : LM and VarPro fit in stages (calibration+scatter, widths, all); else all at once.
+    staged : LM and VarPro fit in stages: ``True`` all of :data:`STAGES` (calibration, widths,
+        Compton shape, scatter, all); ``False`` everything at once; default (``None``) all stages
+        after an automatic guess, and from a given start (override file, parameter set) only
+        the calibration on the fluorescence channels, then everything.
     max_iter : per stage (LM, VarPro; default 100), or in total (L-BFGS 50 outer iterations, Adam 500).
     tol : convergence threshold in loss units (Newton decrement for LM / VarPro).
     background : a fixed background ``[C]`` (counts per channel, whole spectrum) to use instead
@@ -463,7 +469,9 @@ def fit_spectrum(
         warnings.simplefilter("ignore", UserWarning)
         try:
             if optimizer in ("lm", "varpro"):
-                plan = _plan(shape_free) if staged else [("all", tuple(shape_free), False)]
+                short = staged is None and not guess
+                plan = (_plan(shape_free, short=short) if staged or staged is None
+                        else [("all", tuple(shape_free), False)])
                 for number, (name, names, below) in enumerate(plan):
                     ts = time.perf_counter()
                     if number > 0 and fit.snip_free:  # not before the first: its shape may still be poor
@@ -548,11 +556,12 @@ def _has_e0(params) -> bool:
     return isinstance(values, Mapping) and "COHERENT_SCT_ENERGY" in values
 
 
-def _plan(shape_free: Sequence[str]) -> list[tuple[str, tuple[str, ...], bool]]:
-    """The stages to run: cumulative free sets, skipping stages that add nothing."""
+def _plan(shape_free: Sequence[str], short: bool = False) -> list[tuple[str, tuple[str, ...], bool]]:
+    """The stages to run: cumulative free sets, skipping stages that add nothing; ``short``: only
+    the first (calibration) stage and the last."""
     plan: list[tuple[str, tuple[str, ...], bool]] = []
     done: set[str] = set()
-    for name, names, below in STAGES:
+    for name, names, below in (STAGES[0], STAGES[-1]) if short else STAGES:
         now = set(shape_free) if not names else done | (set(names) & set(shape_free))
         if now != done or not plan and not now:
             plan.append((name, tuple(n for n in shape_free if n in now), below))
@@ -632,6 +641,19 @@ def _result(fit: _Fit, shape_free: Sequence[str], optimizer: str, status: str, m
         cov_np, cov_names, n_x = np.zeros((0, 0)), (), 0
         dof = max(int(fit.data.numel()) - len(names) - k2, 1)
         notes = notes + [f"no uncertainties: {exc}"]
+    energies = model.energies(theta).numpy()
+    e_mid = float(energies[len(energies) // 2])
+    fwhm = FWHM_PER_SIGMA * float(detector_sigma(torch.tensor(e_mid), theta[index_of("FWHM_OFFSET")],
+                                                 theta[index_of("FWHM_FANOPRIME")]))
+    e0 = float(theta[index_of("COHERENT_SCT_ENERGY")])
+    compton = compton_energy_kev(e0, float(theta[index_of("COMPTON_ANGLE")]))
+    compton_fwhm = fwhm * max(float(theta[index_of("COMPTON_FWHM_CORR")]), 1.0)
+    scatter = (min(compton - 2.0 * compton_fwhm, compton_energy_kev(e0, 180.0) - fwhm), e0 + 1.5 * fwhm)
+    unexplained = residual_peaks(fit.data.numpy(), m.numpy(), energies, fwhm=fwhm, exclude=scatter)
+    if unexplained:
+        notes = notes + ["unexplained peaks at " + ", ".join(f"{e:.2f} keV (+{c:.3g} counts, {z:.0f} sigma)"
+                                                            for e, c, z in unexplained)
+                         + ": a missing element or pile-up (mapstorch guess), or unfitted tails?"]
     counts = (per_unit * amps).tolist()
     stderr = {n: math.nan for n in SHAPE_PARAMETER_NAMES}
     for j, i in enumerate(use.tolist()[:n_x]):
@@ -651,7 +673,7 @@ def _result(fit: _Fit, shape_free: Sequence[str], optimizer: str, status: str, m
         free=tuple(shape_free), values={n: float(v) for n, v in zip(SHAPE_PARAMETER_NAMES, theta.tolist())},
         stderr=stderr, at_bounds=tuple(names[i] for i in torch.nonzero(at_bound).flatten().tolist()),
         counts=dict(zip(col, counts)), counts_stderr=dict(zip(col, counts_err.tolist())),
-        components={k: v.numpy() for k, v in comps.items()}, energies=model.energies(theta).numpy(),
+        components={k: v.numpy() for k, v in comps.items()}, energies=energies,
         data=fit.data.numpy(), window=fit.window, covariance=cov_np, covariance_names=cov_names,
         deviance=dev, pearson_chi2=chi2, dof=dof, iterations=fit.iterations, evaluations=fit.evaluations,
         seconds=seconds, stages=stages, notes=notes,
