@@ -10,7 +10,7 @@ import numpy as np
 
 from mapstorch.errors import InputError
 
-__all__ = ["plot_spectrum", "plot_maps", "element_colors"]
+__all__ = ["plot_spectrum", "plot_lines", "plot_maps", "element_colors"]
 
 _SKIP = {"Total", "Background"}
 
@@ -102,6 +102,51 @@ def plot_spectrum(
         axes[1].set_xlabel("energy (keV)")
     else:
         ax.set_xlabel("energy (keV)")
+    fig.tight_layout()
+    _save(plt, fig, path, dpi=110)
+    return os.fspath(path)
+
+
+def plot_lines(
+    path: str | os.PathLike[str],
+    energies_kev: np.ndarray,
+    counts: np.ndarray,
+    model: np.ndarray | None,
+    lines: Mapping[str, Sequence[tuple[float, float]]],
+    title: str = "",
+    uncertain: Sequence[str] = (),
+) -> str:
+    """The spectrum (log scale) with each component's lines marked: ``lines[name]`` is a list
+    of ``(energy keV, relative intensity)``; the strongest line of each gets the name. Names in
+    ``uncertain`` are drawn dashed. Returns the path written."""
+    plt = _pyplot()
+    e = np.asarray(energies_kev)
+    y = np.maximum(np.asarray(counts, dtype=float), 0.5)
+    fig, ax = plt.subplots(figsize=(11, 5))
+    ax.step(e, y, where="mid", color="0.35", lw=0.8, label="data")
+    if model is not None:
+        ax.plot(e, np.maximum(model, 0.5), color="k", lw=1.0, label="fit")
+    ax.set_yscale("log")
+    top = float(y.max()) * 3.0
+    ax.set_ylim(0.5, top)
+    colors = element_colors(list(lines))
+    for name, marks in lines.items():
+        marks = [(en, r) for en, r in marks if e[0] <= en <= e[-1]]
+        if not marks:
+            continue
+        ls = "--" if name in uncertain else "-"
+        strongest = max(marks, key=lambda m: m[1])
+        for en, r in marks:
+            i = int(np.clip(np.searchsorted(e, en), 0, len(e) - 1))
+            h = y[i] * (1.0 + 2.0 * max(min(r, 1.0), 0.05))
+            ax.plot([en, en], [y[i], h], color=colors[name], lw=1.0, ls=ls)
+            if (en, r) == strongest:
+                ax.text(en, h * 1.05, name, color=colors[name], fontsize=7, ha="center", va="bottom", rotation=90)
+    ax.set_xlabel("energy (keV)")
+    ax.set_ylabel("counts / channel")
+    ax.legend(fontsize=7, loc="upper right")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     _save(plt, fig, path, dpi=110)
     return os.fspath(path)

@@ -12,7 +12,9 @@ Steps (each later capability adds its own):
 5. write the map in XRF-Maps' version-10 HDF5 layout and read it back, recognised by content,
    checking that spectra, calibration and scalers survive the round trip;
 6. fit the spectrum of step 1 from our default parameters (automatic starting calibration, all
-   shape parameters of preset 3 and the SNIP width free) and compare with the truth.
+   shape parameters of preset 3 and the SNIP width free) and compare with the truth;
+7. decide which elements the spectrum of step 1 contains, from every family 10 keV excites,
+   and compare with what was simulated.
 
 Everything is written into one folder: PNG plots and ``summary.txt``.
 """
@@ -101,6 +103,30 @@ def _fit_step(out: Path, sim) -> list[str]:
         lines.append(f"   {name:<10} {t:11.4g} {c:11.4g} {e:9.3g} {100 * (c - t) / t:7.2f} {(c - t) / e:6.2f}")
     plot_spectrum(out / "fit.png", r.energies, r.data, r.components, residual_model=r.model,
                   title=f"mapstorch fit of the synthetic spectrum: {r.status}, reduced chi2 {r.reduced_chi2:.2f}")
+    return lines + [""]
+
+
+def _guess_step(out: Path, sim) -> list[str]:
+    """Decide which elements the simulated spectrum holds; compare with what was simulated."""
+    from mapstorch.identify import guess_elements
+    from mapstorch.parameters.table import SHAPE_PARAMETER_NAMES
+    from mapstorch.physics.elements import parse_component
+
+    start = {n: float(v) for n, v in sim.params.to_dict().items() if n in SHAPE_PARAMETER_NAMES}
+    g = guess_elements(sim.counts, params=start)
+    simulated = {n for n in sim.lines.names if not parse_component(n).is_pileup}
+    found = set(g.elements)
+    n_cand = len(g.candidates)
+    lines = [
+        f"7. Which elements are present? {n_cand} candidate families, likelihood-ratio tests at "
+        f"{g.threshold:g} sigma, {g.seconds:.1f} s",
+        f"   found {len(found & simulated)} of {len(simulated)} simulated elements; missed: "
+        f"{', '.join(sorted(simulated - found)) or 'none'}; spurious: {', '.join(sorted(found - simulated)) or 'none'}",
+        f"   ELEMENTS_TO_FIT: {g.elements_to_fit()}",
+        "   strongest evidence against a family that overlaps a present one:",
+    ]
+    explained = [e for e in g.candidates if e.explained_by][:3]
+    lines += [f"   {e.name:<6} {e.reason}" for e in explained] or ["   (none)"]
     return lines + [""]
 
 
@@ -220,6 +246,9 @@ def run_demo(out_dir: str | os.PathLike[str] = "mapstorch-demo", seed: int = 0) 
 
     # 6. fit the step-1 spectrum from defaults
     report += _fit_step(out, sim)
+
+    # 7. which elements are present
+    report += _guess_step(out, sim)
     report += [
         "Files:",
         f"   {Path(spectrum_png).name}: data, NNLS components, SNIP background and residuals",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mapstorch.errors import InputError
 
-__all__ = ["add_fit_parser", "run_fit"]
+__all__ = ["add_fit_parser", "run_fit", "load_spectrum", "Loaded"]
 
 
 #: The choices of --optimizer and --objective (mapstorch.fit's OPTIMIZERS and OBJECTIVES, spelled
@@ -62,12 +62,22 @@ def _check_outputs(args: argparse.Namespace) -> None:
             check_target(Path(path), f"--{opt.replace('_', '-')}")
 
 
-def run_fit(args: argparse.Namespace) -> int:
-    from mapstorch.fit import fit_spectrum
-    from mapstorch.io.open import open_dataset, override_beside
-    from mapstorch.io.override import new_override, read_override
+class Loaded:
+    """The integrated spectrum a command works on, with what it came with."""
 
-    _check_outputs(args)
+    def __init__(self, spectrum, calibration, what: str, incident_energy, override, override_path, head: list[str]):
+        self.spectrum, self.calibration, self.what = spectrum, calibration, what
+        self.incident_energy, self.override, self.override_path, self.head = (incident_energy, override,
+                                                                             override_path, head)
+
+
+def load_spectrum(args: argparse.Namespace) -> Loaded:
+    """Open ``args.file`` (with its override file), sum the map (``args.detector`` or all
+    detectors), and settle the incident energy (``--incident-energy``, else the override file's,
+    else the data file's when the spectrum agrees, see ``check_incident_energy``)."""
+    from mapstorch.io.open import open_dataset, override_beside
+    from mapstorch.io.override import read_override
+
     found = args.override or override_beside(args.file)
     override = read_override(found) if found else None
     head = [f"override    {found}" + ("" if args.override else " (found beside the data)")] if found else []
@@ -87,6 +97,17 @@ def run_fit(args: argparse.Namespace) -> int:
         head += [f"data        {ds.path}: {ds.rows} x {ds.cols} pixels, {what}, {ds.channels} channels, "
                  f"{spectrum.sum():.4g} counts"]
         head += [f"note        {n}" for n in ds.notes] + ([f"note        {e0_note}"] if e0_note else [])
+    return Loaded(spectrum, cal, what, incident, override, found, head)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from mapstorch.fit import fit_spectrum
+    from mapstorch.io.override import new_override
+
+    _check_outputs(args)
+    data = load_spectrum(args)
+    spectrum, cal, what, incident = data.spectrum, data.calibration, data.what, data.incident_energy
+    override, found, head = data.override, data.override_path, data.head
     elements = [e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None
     free = [n.strip() for n in args.free.split(",") if n.strip()] if args.free else None
     guess = {"auto": None, "yes": True, "no": False}[args.guess]

@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fit_parser(sub, _data_options)
 
+    from mapstorch.cli.guess import add_guess_parser
+
+    add_guess_parser(sub, _data_options)
+
     p = sub.add_parser("lines", help="show the emission lines of components, e.g. 'Fe Pb_L Au_M Si_Cl'")
     p.add_argument("components", nargs="+", help="component names: Fe, Fe_L, Au_M, Si_Cl, ...")
     p.add_argument("--detector", choices=("Si", "Ge"), default="Si", help="detector material (mu_fraction)")
