@@ -62,10 +62,12 @@ import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
+sys.path.append(str(Path(__file__).resolve().parent))  # for _upstream_names
 
 import mapstorch.opt as upstream_opt
 import numpy as np
 import torch
+from _upstream_names import upstream_name
 from mapstorch.default import (
     default_elem_info,
     default_energy_consts,
@@ -96,18 +98,6 @@ torch.set_num_threads(args.threads)
 
 def warn(msg):
     print(f"_upstream_guess: {msg}", file=sys.stderr)
-
-
-def upstream_name(name):
-    """Our component name -> upstream's candidate names (K lines have no suffix there)."""
-    parts = name.split("_")
-    if len(parts) == 2 and parts[1].upper() == "K":
-        return [parts[0]]
-    if len(parts) == 2 and parts[1].upper() in ("L", "M"):
-        return [f"{parts[0]}_{parts[1].upper()}"]
-    if len(parts) == 2:  # K+K pile-up; upstream's name may list the pair the other way round
-        return [name, f"{parts[1]}_{parts[0]}"]
-    return [name]
 
 
 def lines_of(symbol):

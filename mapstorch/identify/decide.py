@@ -193,6 +193,7 @@ class _Linear:
             self.upper[k + 2:] = corrections_upper
         self.splines: list[int] = []  # which of the always-in columns are background corrections
         self.secondary_of: dict[int, int] = {}  # major family -> column of its secondary-ratio correction
+        self.nuisance: list[int] = []  # majors' position / width corrections and the escape peaks
         self._cache: dict[frozenset[int], tuple[float, Tensor]] = {}
 
     def fit(self, subset: Sequence[int], start: Tensor | None = None) -> tuple[float, Tensor]:
@@ -579,8 +580,9 @@ def _linear(table: LineTable, shaped: FitResult, majors: Sequence[int] = (),
             major_amps: Sequence[float] = ()) -> tuple[_Linear, list[bool]]:
     """The linear model at ``shaped``'s shape parameters. The ``majors`` (with amplitudes
     ``major_amps`` from an earlier fit) get bounded nuisance freedom: their secondary lines'
-    ratio may move by 25 % and their position and width by 20 eV (first-order correction
-    columns, always in the model): tabulated ratios and line shapes are not exact, and a strong
+    ratio may move by 25 %, their position and width by 20 eV and their low-energy tail fraction
+    by up to 10 % (first-order correction columns, always in the model; and their escape peaks
+    when the parameters leave escape off): tabulated ratios and line shapes are not exact, and a strong
     family's misfit must not become evidence for a weak family next to it."""
     theta = torch.tensor([shaped.values[n] for n in SHAPE_PARAMETER_NAMES], dtype=torch.float64)
     k = len(table.components)
@@ -607,6 +609,15 @@ def _linear(table: LineTable, shaped: FitResult, majors: Sequence[int] = (),
             extra.append(deriv * scale)
             lower.append(torch.full((len(majors),), -_NUISANCE_STEPS, dtype=d.dtype))
             upper.append(torch.full((len(majors),), _NUISANCE_STEPS, dtype=d.dtype))
+        # a low-energy tail: coefficient = added tail fraction in percent, from -(current) to +10 %
+        i = SHAPE_PARAMETER_NAMES.index("F_TAIL_OFFSET")
+        up = theta.clone()
+        up[i] += 0.01
+        with torch.no_grad():
+            deriv = (model.design_matrix(up) - model.design_matrix(theta))[:, list(majors)]
+        extra.append(deriv * scale)
+        lower.append(torch.full((len(majors),), -100.0 * max(float(theta[i]), 0.0), dtype=d.dtype))
+        upper.append(torch.full((len(majors),), 10.0, dtype=d.dtype))
     bg = torch.as_tensor(shaped.components["Background"], dtype=torch.float64)
     data = torch.as_tensor(shaped.data, dtype=torch.float64)
     excited = [bool(d[:, j].sum() > 1e-6) for j in range(k)]
@@ -614,6 +625,12 @@ def _linear(table: LineTable, shaped: FitResult, majors: Sequence[int] = (),
     fwhm = FWHM_PER_SIGMA * float(detector_sigma(torch.tensor(e_mid), theta[SHAPE_PARAMETER_NAMES.index("FWHM_OFFSET")],
                                                  theta[SHAPE_PARAMETER_NAMES.index("FWHM_FANOPRIME")]))
     splines = _background_splines(torch.as_tensor(shaped.energies), max(_SPLINE_KEV, 5.0 * fwhm))
+    n_fixed = sum(int(x.shape[1]) for x in extra)  # secondary-ratio and position/width columns so far
+    escape_col = _escape_column(model, theta, table, majors, major_amps)
+    if escape_col is not None:
+        extra.append(escape_col[:, None])
+        lower.append(torch.zeros(1, dtype=d.dtype))
+        upper.append(torch.full((1,), 0.2, dtype=d.dtype))
     extra.append(splines)
     lower.append(torch.zeros(splines.shape[1], dtype=d.dtype))
     upper.append(torch.full((splines.shape[1],), torch.inf, dtype=d.dtype))
@@ -621,7 +638,27 @@ def _linear(table: LineTable, shaped: FitResult, majors: Sequence[int] = (),
     lin.splines = list(range(lin.d.shape[1] - splines.shape[1], lin.d.shape[1]))
     if majors:
         lin.secondary_of = {o: k + 2 + j for j, o in enumerate(owners)}
+        n_sec = len(owners)
+        lin.nuisance = list(range(k + 2 + n_sec, k + 2 + n_fixed)) + ([k + 2 + n_fixed] if escape_col is not None else [])
     return lin, excited
+
+
+def _escape_column(model: SpectrumModel, theta: Tensor, table: LineTable, majors: Sequence[int],
+                   major_amps: Sequence[float]) -> Tensor | None:
+    """Detector escape peaks of the majors (at their fitted amplitudes) per unit escape factor,
+    when the parameters leave escape off: an escape peak of a strong line (Ar Ka - 1.74 keV in a
+    Si detector) must not pass for an element."""
+    if not majors:
+        return None
+    i = SHAPE_PARAMETER_NAMES.index("SI_ESCAPE" if table.detector == "Si" else "GE_ESCAPE")
+    if float(theta[i]) != 0.0:
+        return None
+    on = theta.clone()
+    on[i] = 1.0
+    with torch.no_grad():
+        esc = model.design_matrix(on)[:, list(majors)] - model.design_matrix(theta)[:, list(majors)]
+    col = esc @ torch.tensor(list(major_amps), dtype=esc.dtype)
+    return col if float(col.sum()) > 0 else None
 
 
 def _primary_lines(table: LineTable, kk: int, shaped: FitResult) -> np.ndarray | None:
@@ -682,19 +719,22 @@ def _secondary_ratio(names: Sequence[str], params, shaped: FitResult, lin: _Line
     sec = n + owners.index(kk)
     if float(d[:, sec].sum()) < 0.05 * float(d[:, kk].sum() + d[:, sec].sum()):
         return None
-    # columns: chosen families (main lines where split), secondary parts, Elastic, Compton, splines
-    d = torch.cat([d, lin.d[:, lin.splines]], 1)
+    # columns: chosen families (main lines where split), secondary parts, Elastic, Compton, the
+    # majors' position / width corrections and escape peaks, splines
+    more = lin.nuisance + lin.splines
+    d = torch.cat([d, lin.d[:, more]], 1)
 
     def evaluate(a: Tensor, jac: bool):
         m = d @ a + lin.b
         return (m, d) if jac else m
 
     _, a_full = lin.fit(list(chosen))
-    a0 = torch.cat([a_full[chosen], a_full[[chosen[o] for o in owners]], a_full[lin.scatter],
-                    a_full[lin.splines]]).clamp(min=0.0) + 1e-9
-    lo = torch.zeros(d.shape[1], dtype=d.dtype)
-    a, _ = levenberg_marquardt(evaluate, a0, lo, torch.full_like(lo, torch.inf), lin.y, "poisson", tol=1e-4,
-                               max_iter=100)
+    n_main = d.shape[1] - len(more)
+    lo = torch.cat([torch.zeros(n_main, dtype=d.dtype), lin.lower[more]])
+    hi = torch.cat([torch.full((n_main,), torch.inf, dtype=d.dtype), lin.upper[more]])
+    a0 = torch.cat([(torch.cat([a_full[chosen], a_full[[chosen[o] for o in owners]], a_full[lin.scatter]])
+                     .clamp(min=0.0) + 1e-9), a_full[more]])
+    a, _ = levenberg_marquardt(evaluate, a0, lo, hi, lin.y, "poisson", tol=1e-4, max_iter=100)
     m = torch.clamp(d @ a + lin.b, min=1e-9)
     h = d.T @ ((lin.y / (m * m))[:, None] * d)
     try:
