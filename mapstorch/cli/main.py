@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_guess_parser(sub, _data_options)
 
+    from mapstorch.cli.map import add_map_parser
+
+    add_map_parser(sub, _data_options)
+
     p = sub.add_parser("lines", help="show the emission lines of components, e.g. 'Fe Pb_L Au_M Si_Cl'")
     p.add_argument("components", nargs="+", help="component names: Fe, Fe_L, Au_M, Si_Cl, ...")
     p.add_argument("--detector", choices=("Si", "Ge"), default="Si", help="detector material (mu_fraction)")

@@ -45,6 +45,7 @@ from mapstorch.fit.guess import elastic_energy
 from mapstorch.fit.objectives import poisson_deviance
 from mapstorch.fit.result import FitResult
 from mapstorch.fit.solvers import levenberg_marquardt
+from mapstorch.fit.spectrum import _scaled_inverse
 from mapstorch.identify.candidates import (
     RARE_ELEMENTS,
     default_candidates,
@@ -254,9 +255,7 @@ def _wald(lin: _Linear, amps: Tensor, idx: Sequence[int]) -> dict[int, float]:
     d = lin.d[:, live]
     m = torch.clamp(lin.model(amps), min=1e-9)
     h = d.T @ ((lin.y / (m * m))[:, None] * d)
-    diag = torch.diagonal(h).clamp(min=1e-300)
-    scale = 1.0 / torch.sqrt(diag)
-    cov = torch.linalg.pinv(h * scale[:, None] * scale[None, :], hermitian=True) * scale[:, None] * scale[None, :]
+    cov = _scaled_inverse(h)
     err = torch.sqrt(torch.clamp(torch.diagonal(cov), min=1e-300))
     for j, i in enumerate(live):
         if i in out:
@@ -738,7 +737,7 @@ def _secondary_ratio(names: Sequence[str], params, shaped: FitResult, lin: _Line
     m = torch.clamp(d @ a + lin.b, min=1e-9)
     h = d.T @ ((lin.y / (m * m))[:, None] * d)
     try:
-        cov = torch.linalg.pinv(h, hermitian=True)
+        cov = _scaled_inverse(h)  # columns span many decades: invert at unit diagonal
     except RuntimeError:
         return None
     a_p, a_s = float(a[kk]), float(a[sec])

@@ -650,6 +650,11 @@ def _write_results(maps, routine: str, res: Mapping[str, object], rows: int, col
     for key in ("Fitted_Integrated_Spectra", "FIT_Integrated_Background"):
         v = res.get(key)
         _ds(g, key, np.zeros(chans, np.float32) if v is None else np.asarray(v, dtype=np.float32))
+    for key, v in dict(res.get("extra") or {}).items():  # type: ignore[call-overload]
+        arr = np.asarray(v, dtype=np.float32)
+        if arr.shape[-2:] != (rows, cols):
+            raise DataFileError(f"results of {routine}: {key} has shape {arr.shape}, expected (..., {rows}, {cols})")
+        _ds(g, key, arr, **comp)
 
 
 def write_xrfmaps_h5(
@@ -673,7 +678,8 @@ def write_xrfmaps_h5(
         XRF-Maps uses ``maps_fit_parameters_override.txt<N>`` for element N; None entries (or no
         list) fall back to ``override``.
     results : ``{routine: {"channel_names", "counts_per_sec" (N, rows, cols), "units",
-        "Fitted_Integrated_Spectra", "FIT_Integrated_Background"}}`` for ``/MAPS/XRF_Analyzed``.
+        "Fitted_Integrated_Spectra", "FIT_Integrated_Background", "extra": {name: (..., rows, cols)}}}``
+        for ``/MAPS/XRF_Analyzed`` (``extra`` maps are written under their own names).
     chunk_rows : rows read and written at a time (default: about 16 MB of spectra).
 
     Spectra are streamed block by block. Every file is written to a temporary name in the

@@ -1,0 +1,130 @@
+"""``mapstorch map FILE``: elemental maps of every pixel into an XRF-Maps HDF5 file.
+
+Fits every pixel with the shape parameters of the override file (``--override``, or the one
+beside the data) or of a spectrum fit (``--params fitted_override.txt``), by ``--method nnls``
+(XRF-Maps' NNLS: SNIP-subtracted, non-negative least squares) or ``poisson`` (non-negative
+Poisson maximum likelihood with the SNIP background in the model). Rows are streamed in chunks
+(``--chunk-rows``); each finished chunk is kept in ``OUT.partial/``, so an interrupted run
+started again resumes where it stopped; the output file is written (atomically) only when every
+chunk is done, and the partial folder is removed then.
+
+The output holds the data in the XRF-Maps version-10 layout and
+``/MAPS/XRF_Analyzed/<NNLS|Poisson>/Counts_Per_Sec`` with ``Channel_Names``, plus our own maps
+beside them: ``Counts``, ``Counts_Stderr``, ``Counts_Per_Sec_Stderr``, ``Reduced_Chi2``,
+``Iterations``, ``Status``. ``--png DIR`` writes a grid of the maps with colour bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mapstorch.errors import InputError
+
+__all__ = ["add_map_parser", "run_map"]
+
+METHOD_CHOICES = ("nnls", "poisson")  # mapstorch.maps.METHODS, spelled out so the parser does not import torch
+
+
+def add_map_parser(sub, data_options) -> None:
+    p = sub.add_parser("map", help="elemental maps of every pixel (NNLS or Poisson), streamed and resumable")
+    p.add_argument("file", help="XRF-Maps HDF5, fly-scan HDF5, EPICS MDA, GSE MCA, .npy or text")
+    p.add_argument("--method", choices=METHOD_CHOICES, default="nnls", help="default: nnls (as XRF-Maps)")
+    p.add_argument("--params", help="an override file with the shape parameters to use (e.g. from `mapstorch fit "
+                   "--out-override`); default: --override / the one beside the data")
+    p.add_argument("--elements", help="components to fit (default: the override file's ELEMENTS_TO_FIT)")
+    p.add_argument("--detector", default="sum", help="'sum' (default) or a detector index")
+    p.add_argument("--out", help="output .h5 (default: <file stem>_maps.h5 in the current folder)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: about 4096 pixels)")
+    p.add_argument("--png", help="write map images (PNG) into this folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    data_options(p)
+    p.set_defaults(func=run_map)
+
+
+def run_map(args: argparse.Namespace) -> int:
+    import torch
+
+    from mapstorch.io.atomic import check_target
+    from mapstorch.io.hdf5 import write_xrfmaps_h5
+    from mapstorch.io.open import open_dataset, override_beside
+    from mapstorch.io.override import read_override
+    from mapstorch.maps import STATUS_CODES, fit_map
+    from mapstorch.maps.fit import _ChunkStore
+
+    out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.file).name.split('.')[0]}_maps.h5"
+    check_target(out, "--out")
+    if args.png:
+        png = Path(args.png)
+        if png.exists() and not png.is_dir():
+            raise InputError(f"--png {png}: exists and is not a folder")
+        if not png.parent.exists():
+            raise InputError(f"--png {png}: the folder {png.parent} does not exist")
+    found = args.override or override_beside(args.file)
+    override = read_override(found) if found else None
+    params = read_override(args.params) if args.params else override
+    if params is None and not args.elements:
+        raise InputError("mapping needs shape parameters and elements: give --override / --params (an override "
+                         "file, e.g. from `mapstorch fit --out-override`) or put one beside the data")
+    elements = [e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None
+    work = out.with_name(out.name + ".partial")
+    lines = [f"override    {found}" + ("" if args.override else " (found beside the data)")] if found else []
+    if args.params:
+        lines.append(f"parameters  {args.params}")
+    dtype = torch.float32 if args.dtype == "float32" else torch.float64
+    with open_dataset(args.file, format=args.format, override=override, channel_axis=args.channel_axis) as ds:
+        bar = None
+        if not args.no_progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=ds.rows * ds.cols, unit="px", desc="mapping", file=sys.stderr, leave=False)
+
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.update(done - bar.n)
+
+        try:
+            result = fit_map(ds, params, elements, method=args.method, detector=args.detector,
+                             chunk_rows=args.chunk_rows, device=args.device, dtype=dtype, work_dir=work,
+                             progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        write_xrfmaps_h5(out, ds, override=override, results=result.xrfmaps_results())
+        lines.append(f"data        {ds.path}: {ds.rows} x {ds.cols} pixels, detector {result.detector}, "
+                     f"{ds.channels} channels")
+    _ChunkStore.discard(work)
+    counts = {s: int((result.status == c).sum()) for c, s in STATUS_CODES.items()}
+    lines += [
+        f"method      {result.method}: {len(result.names)} components, {result.seconds:.1f} s, "
+        f"{result.pixels_per_second:.4g} pixels/s fitted",
+        "status      " + ", ".join(f"{n} {s}" for s, n in counts.items()),
+        f"{'component':<12} {'mean counts':>12} {'median cps':>12} {'median stderr/counts':>21}",
+    ]
+    import numpy as np
+
+    for i, name in enumerate(result.names):
+        c, e = result.counts[i], result.counts_stderr[i]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = np.nanmedian(np.where(c > 0, e / c, np.nan)) if np.any(c > 0) else float("nan")
+        lines.append(f"{name:<12} {float(np.mean(c)):12.5g} {float(np.nanmedian(result.counts_per_sec[i])):12.5g} "
+                     f"{rel:21.3g}")
+    lines += [f"note        {n}" for n in result.notes]
+    if args.png:
+        from mapstorch.plotting import plot_maps
+
+        png = Path(args.png)
+        png.mkdir(exist_ok=True)
+        maps = {n: result.counts_per_sec[i] for i, n in enumerate(result.names)}
+        plot_maps(png / "counts_per_sec.png", maps, title=f"{Path(args.file).name}: counts/s ({result.method})",
+                  units="cts/s")
+        plot_maps(png / "quality.png", {"reduced chi2": result.reduced_chi2,
+                                        "iterations": result.iterations.astype(float)},
+                  title="fit quality per pixel", units={"reduced chi2": "", "iterations": ""})
+        lines.append(f"wrote       {png / 'counts_per_sec.png'}, {png / 'quality.png'}")
+    lines.append(f"wrote       {out}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0

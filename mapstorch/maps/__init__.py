@@ -1,0 +1,5 @@
+"""Elemental maps of every pixel: batched solvers, streaming by rows, resumable runs."""
+
+from mapstorch.maps.fit import METHODS, STATUS_CODES, MapResult, fit_map
+
+__all__ = ["fit_map", "MapResult", "METHODS", "STATUS_CODES"]

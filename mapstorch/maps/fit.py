@@ -1,0 +1,307 @@
+"""``fit_map``: elemental maps of every pixel, batched and streamed by rows, resumable.
+
+The shape parameters are fixed (from an override file, a spectrum fit or a ParameterSet), so
+every pixel shares the design matrix ``D [C, K + 2]`` over the fit window. Rows are read in
+chunks; for each chunk the per-pixel SNIP background is computed as tensor operations and the
+amplitudes of all its pixels are solved together (:mod:`mapstorch.maps.solvers`):
+
+* ``nnls``: non-negative least squares of ``max(S - SNIP, 0)``, as XRF-Maps' NNLS routine;
+* ``poisson``: non-negative Poisson maximum likelihood with the background in the model: the
+  SNIP background of the chunk's summed spectrum (smooth even where a pixel has a few counts)
+  with a fitted amplitude per pixel; started from the NNLS solution. Better for low-count
+  pixels, where a per-pixel SNIP of the noisy spectrum is poor.
+
+Per pixel: counts inside the fit window per component (``Elastic``, ``Compton`` included),
+their standard errors (Fisher information at the solution), counts per second (divided by the
+live time), reduced chi-square, iterations and a status code (0 converged, 1 max-iterations,
+2 non-finite).
+
+With ``work_dir`` every finished chunk is stored there (``chunk_<first>_<last>.npz``, written
+atomically, with the settings and the input file's identity in ``settings.json``); a rerun with
+the same settings skips the chunks already there, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mapstorch.errors import InputError
+from mapstorch.io.dataset import Dataset
+from mapstorch.maps import solvers
+from mapstorch.physics.model import SpectrumModel, fit_window
+from mapstorch.physics.snip import snip_window
+
+__all__ = ["fit_map", "MapResult", "METHODS", "STATUS_CODES"]
+
+METHODS = ("nnls", "poisson")
+STATUS_CODES = {0: "converged", 1: "max-iterations", 2: "non-finite"}
+
+#: ``progress(pixels_done, pixels_total)``
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class MapResult:
+    """Maps of one fit: arrays ``[components, rows, cols]`` or ``[rows, cols]``.
+
+    names : components (elements, pile-ups, then ``Elastic``, ``Compton``).
+    counts, counts_stderr : counts inside the fit window; counts_per_sec = counts / live time.
+    reduced_chi2, iterations, status : per pixel (status codes in :data:`STATUS_CODES`).
+    """
+
+    method: str
+    names: tuple[str, ...]
+    counts: np.ndarray
+    counts_stderr: np.ndarray
+    counts_per_sec: np.ndarray
+    reduced_chi2: np.ndarray
+    iterations: np.ndarray
+    status: np.ndarray
+    detector: str
+    seconds: float
+    pixels_per_second: float
+    chunks_reused: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def element(self, name: str) -> np.ndarray:
+        return self.counts[self.names.index(name)]
+
+    def routine_name(self) -> str:
+        """The ``/MAPS/XRF_Analyzed`` group: XRF-Maps' ``NNLS`` for nnls, ``Poisson`` for ours."""
+        return {"nnls": "NNLS", "poisson": "Poisson"}[self.method]
+
+    def xrfmaps_results(self) -> dict[str, dict[str, object]]:
+        """``results`` for :func:`~mapstorch.io.hdf5.write_xrfmaps_h5`: Counts_Per_Sec with
+        Channel_Names in the XRF-Maps layout, plus our own maps under names of our own."""
+        return {self.routine_name(): {
+            "channel_names": list(self.names),
+            "counts_per_sec": self.counts_per_sec,
+            "extra": {
+                "Counts": self.counts,
+                "Counts_Stderr": self.counts_stderr,
+                "Counts_Per_Sec_Stderr": self.counts_stderr * (self.counts_per_sec / np.where(
+                    self.counts != 0, self.counts, np.inf)),
+                "Reduced_Chi2": self.reduced_chi2,
+                "Iterations": self.iterations.astype(np.float32),
+                "Status": self.status.astype(np.float32),
+            },
+        }}
+
+
+def _settings_key(settings: Mapping[str, object]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_identity(path: str) -> dict[str, object]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"path": str(path)}
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def fit_map(
+    dataset: Dataset,
+    params=None,
+    elements: Sequence[str] | str | None = None,
+    *,
+    method: str = "nnls",
+    detector: int | str = "sum",
+    chunk_rows: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_iter: int | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> MapResult:
+    """Fit every pixel of ``dataset`` with the shape parameters fixed (module docstring).
+
+    params : an override file, a ParameterSet (e.g. a spectrum fit's ``result.params``) or
+        ``{MAPS name: value}``; elements : components (default: the override file's).
+    detector : ``"sum"`` (all detector elements added) or a detector index.
+    chunk_rows : rows per chunk (default: about 4096 pixels).
+    """
+    from mapstorch.fit.spectrum import _parameter_set
+
+    t0 = time.perf_counter()
+    method = str(method).lower()
+    if method not in METHODS:
+        raise InputError(f"unknown map method {method!r}; choose one of {', '.join(METHODS)}")
+    if detector != "sum":
+        try:
+            detector = int(detector)
+        except (TypeError, ValueError):
+            raise InputError(f"detector must be 'sum' or a detector index, got {detector!r}") from None
+        if not 0 <= detector < dataset.detectors:
+            raise InputError(f"detector {detector}: {dataset.path} has detectors 0-{dataset.detectors - 1}")
+    dets = list(range(dataset.detectors)) if detector == "sum" else [int(detector)]
+    cal = dataset.calibration[dets[0]]
+    ps, table, _ = _parameter_set(elements, params, "2", None, cal)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available on this machine")
+    window = fit_window(dataset.channels, ps)
+    model = SpectrumModel(table, window, dtype=dtype, device=device)
+    theta = ps.shape_values().to(device=device, dtype=dtype)
+    with torch.no_grad():
+        design = model.design_matrix(theta)  # [Cw, K + 2]
+    per_unit = design.sum(0)  # counts inside the window per unit amplitude
+    names = tuple(model.column_names)
+    n_comp = len(names)
+    off, slope, quad, width = (float(ps[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC",
+                                                          "SNIP_WIDTH"))
+    rows, cols = dataset.rows, dataset.cols
+    if chunk_rows is None:
+        chunk_rows = max(1, 4096 // max(cols, 1))
+    if chunk_rows < 1:
+        raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    live = None
+    if dataset.live_time is not None:
+        live = dataset.live_time[..., dets].mean(-1) if detector == "sum" else dataset.live_time[..., dets[0]]
+    settings = {"method": method, "detector": str(detector), "names": list(names), "window": [window.first, window.last],
+                "theta": [round(float(v), 12) for v in theta.double().tolist()], "dtype": str(dtype),
+                "max_iter": max_iter, "input": _file_identity(dataset.path), "rows": rows, "cols": cols}
+    store = _ChunkStore(work_dir, settings) if work_dir is not None else None
+
+    counts = np.zeros((n_comp, rows, cols), np.float32)
+    stderr = np.full((n_comp, rows, cols), np.nan, np.float32)
+    rchi2 = np.full((rows, cols), np.nan, np.float32)
+    iters = np.zeros((rows, cols), np.int32)
+    status = np.zeros((rows, cols), np.int8)
+    reused = 0
+    fitted_pixels = 0
+    t_fit = 0.0
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        part = store.load(start, stop) if store is not None else None
+        if part is None:
+            ts = time.perf_counter()
+            block = dataset.read(slice(start, stop), dets)  # [r, cols, nd, C]
+            y = torch.as_tensor(np.ascontiguousarray(block.sum(2)), device=device).to(dtype)
+            y = y.reshape(-1, dataset.channels)
+            part = _fit_chunk(y, design, per_unit, (off, slope, quad, width), window, method, max_iter)
+            part = {k: v.reshape((v.shape[0], stop - start, cols) if v.ndim == 2 and k in ("counts", "stderr")
+                                 else (stop - start, cols)) for k, v in part.items()}
+            if store is not None:
+                store.save(start, stop, part)
+            t_fit += time.perf_counter() - ts
+            fitted_pixels += (stop - start) * cols
+        else:
+            reused += 1
+        counts[:, start:stop] = part["counts"]
+        stderr[:, start:stop] = part["stderr"]
+        rchi2[start:stop] = part["rchi2"]
+        iters[start:stop] = part["iterations"]
+        status[start:stop] = part["status"]
+        if progress is not None:
+            progress(stop * cols, rows * cols)
+    if live is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cps = np.where(live > 0, counts / live[None], np.nan).astype(np.float32)
+    else:
+        cps = counts.copy()
+    notes = []
+    if live is None:
+        notes.append("the file records no live time: Counts_Per_Sec holds counts")
+    if reused:
+        notes.append(f"{reused} chunk(s) reused from {work_dir}")
+    bad = int((status != 0).sum())
+    if bad:
+        notes.append(f"{bad} pixel(s) did not converge (see the Status map: 1 max-iterations, 2 non-finite)")
+    seconds = time.perf_counter() - t0
+    return MapResult(method, names, counts, stderr, cps, rchi2, iters, status, str(detector), seconds,
+                     fitted_pixels / t_fit if t_fit > 0 else math.nan, reused, notes)
+
+
+def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, cal: tuple[float, float, float, float],
+               window, method: str, max_iter: int | None) -> dict[str, np.ndarray]:
+    """Fit the pixels ``y [P, C]`` of one chunk; numpy arrays ``counts``/``stderr`` ``[K, P]`` and
+    ``rchi2``/``iterations``/``status`` ``[P]``."""
+    off, slope, quad, width = cal
+    with torch.no_grad():
+        bg = snip_window(y, off, slope, quad, width, (window.first, window.last))
+        yw = y[:, window.slice()]
+        a, it, ok = solvers.nnls(design, (yw - bg).clamp(min=0.0), max_iter=max_iter or 2000)
+        if method == "poisson":
+            # the background is a shape (SNIP of the chunk's summed spectrum: smooth even where a
+            # pixel has few counts) with a fitted non-negative amplitude per pixel
+            shape = snip_window(y.sum(0, keepdim=True), off, slope, quad, width, (window.first, window.last))[0]
+            shape = shape / shape.sum().clamp(min=torch.finfo(shape.dtype).tiny)
+            aug = torch.cat([design, shape[:, None]], 1)
+            start = torch.cat([a, bg.sum(1, keepdim=True)], 1)
+            full, it2, ok = solvers.poisson(aug, yw, torch.zeros_like(yw), start, max_iter=max_iter or 500)
+            a, bg = full[:, :-1], full[:, -1:] * shape[None, :]
+            it = it + it2
+        m = a @ design.T + bg
+        se = solvers.poisson_stderr(design, m, a) * per_unit
+        dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
+        chi = solvers.pearson_chi2(yw, m) / dof
+        finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
+        code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
+        counts = torch.where(finite[:, None], a * per_unit, torch.zeros_like(a))
+    return {"counts": counts.T.float().cpu().numpy(), "stderr": se.T.float().cpu().numpy(),
+            "rchi2": chi.float().cpu().numpy(), "iterations": it.int().cpu().numpy(), "status": code.cpu().numpy()}
+
+
+class _ChunkStore:
+    """Finished chunks on disk, keyed by the settings: resume support."""
+
+    def __init__(self, folder, settings: Mapping[str, object]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = _settings_key(settings)
+        meta = self.folder / "settings.json"
+        if meta.exists():
+            old = json.loads(meta.read_text())
+            if old.get("key") != key:  # other settings or another input: start afresh
+                for f in self.folder.glob("chunk_*.npz"):
+                    f.unlink()
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "settings": settings}, indent=1, default=str))
+        os.replace(tmp, meta)
+
+    def _path(self, start: int, stop: int) -> Path:
+        return self.folder / f"chunk_{start:07d}_{stop:07d}.npz"
+
+    def load(self, start: int, stop: int) -> dict[str, np.ndarray] | None:
+        path = self._path(start, stop)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError):  # a damaged chunk is fitted again
+            return None
+
+    def save(self, start: int, stop: int, part: Mapping[str, np.ndarray]) -> None:
+        path = self._path(start, stop)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **part)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @staticmethod
+    def discard(folder) -> None:
+        """Remove a finished run's chunk folder (only the files this store writes)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return
+        for f in list(folder.glob("chunk_*.npz")) + list(folder.glob("*.tmp")) + [folder / "settings.json"]:
+            if f.exists():
+                f.unlink()
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there: leave it
+            pass

@@ -1,0 +1,209 @@
+"""Map fitting: batched solvers against independent references, recovery of synthetic maps,
+streaming with resume after a SIGKILL, the CLI and its XRF-Maps output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mapstorch.io.dataset import Dataset
+from mapstorch.maps import fit_map, solvers
+from mapstorch.synthetic import DEMO_SAMPLE, simulate_map
+
+
+def _dataset(sm, live=None) -> Dataset:
+    rows, cols, chans = sm.counts.shape
+    cal = np.array([[float(sm.params[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC")]])
+    return Dataset(path="<simulated>", format="npy", rows=rows, cols=cols, detectors=1, channels=chans,
+                   calibration=cal, spectra=sm.counts[:, :, None, :].astype(np.float32),
+                   live_time=None if live is None else np.full((rows, cols, 1), live))
+
+
+# ----------------------------------------------------------------------------- solvers
+def test_batched_nnls_matches_scipy():
+    from scipy.optimize import nnls as scipy_nnls
+
+    rng = np.random.default_rng(0)
+    d = np.abs(rng.normal(size=(200, 8)))
+    d[:, 1] = d[:, 0] * 0.9 + 0.1 * d[:, 1]  # two nearly collinear columns
+    truth = np.abs(rng.normal(size=(50, 8))) * (rng.random((50, 8)) > 0.3)
+    t = truth @ d.T + rng.normal(scale=0.05, size=(50, 200))
+    a, iters, ok = solvers.nnls(torch.tensor(d), torch.tensor(t), max_iter=20000, tol=1e-10)
+    assert bool(ok.all())
+    for p in range(50):
+        ref, _ = scipy_nnls(d, t[p])
+        cost = np.sum((d @ a[p].numpy() - t[p]) ** 2)
+        assert cost <= np.sum((d @ ref - t[p]) ** 2) * (1 + 1e-8) + 1e-12
+        np.testing.assert_allclose(a[p].numpy(), ref, atol=1e-5)
+
+
+def test_batched_poisson_matches_direct_minimisation():
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(1)
+    d = np.abs(rng.normal(size=(120, 4))) + 0.05
+    truth = np.array([[50.0, 0.0, 20.0, 5.0], [3.0, 2.0, 0.0, 1.0]])
+    b = np.full((2, 120), 2.0)
+    y = rng.poisson(truth @ d.T + b).astype(float)
+    a, _, ok = solvers.poisson(torch.tensor(d), torch.tensor(y), torch.tensor(b), torch.ones(2, 4), max_iter=20000,
+                               tol=1e-10)
+    for p in range(2):
+        def nll(x):
+            m = d @ x + b[p]
+            return float(np.sum(m - y[p] * np.log(m)))
+
+        ref = minimize(nll, np.ones(4), bounds=[(0, None)] * 4, method="L-BFGS-B", options={"ftol": 1e-14, "gtol": 1e-10})
+        assert nll(a[p].numpy()) <= ref.fun + 1e-6
+        np.testing.assert_allclose(a[p].numpy(), ref.x, atol=2e-2 * max(ref.x.max(), 1))
+
+
+def test_poisson_stderr_is_the_inverse_fisher_information():
+    d = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], dtype=torch.float64)
+    a = torch.tensor([[10.0, 20.0]], dtype=torch.float64)
+    m = a @ d.T
+    info = (d.T * (1 / m[0])) @ d
+    expected = torch.sqrt(torch.diagonal(torch.linalg.inv(info)))
+    torch.testing.assert_close(solvers.poisson_stderr(d, m, a)[0], expected)
+    assert torch.isnan(solvers.poisson_stderr(d, m, torch.tensor([[10.0, 0.0]], dtype=torch.float64))[0, 1])
+
+
+# ----------------------------------------------------------------------------- recovery
+def test_nnls_map_recovers_the_majors():
+    sm = simulate_map(16, 16, seed=0)
+    r = fit_map(_dataset(sm, live=2.0), sm.params, method="nnls")
+    assert (r.status == 0).all()
+    for name in ("Fe", "Ca"):
+        rel = (r.element(name) - sm.truth_counts[name]) / sm.truth_counts[name]
+        assert abs(np.median(rel)) < 0.01, (name, np.median(rel))
+    # counts per second = counts / live time; standard errors match the scatter
+    np.testing.assert_allclose(r.counts_per_sec, r.counts / 2.0, rtol=1e-6)
+    z = (r.element("Fe") - sm.truth_counts["Fe"]) / r.counts_stderr[r.names.index("Fe")]
+    assert 0.7 < np.std(z) < 1.5
+    assert 0.7 < np.nanmedian(r.reduced_chi2) < 1.3
+
+
+def test_poisson_beats_least_squares_at_low_counts():
+    sm = simulate_map(16, 16, counts={k: v / 30 for k, v in DEMO_SAMPLE.items()}, seed=1)
+    ds = _dataset(sm)
+    err = {}
+    for method in ("nnls", "poisson"):
+        r = fit_map(ds, sm.params, method=method)
+        err[method] = {n: np.median(np.abs(r.element(n) - sm.truth_counts[n]) / sm.truth_counts[n])
+                       for n in ("Cr", "Ni", "Mn", "Ba_L")}
+    assert all(err["poisson"][n] < err["nnls"][n] for n in err["nnls"]), err
+
+
+def test_chunks_and_dtypes_agree():
+    sm = simulate_map(8, 8, seed=2)
+    ds = _dataset(sm)
+    a = fit_map(ds, sm.params, chunk_rows=3)
+    b = fit_map(ds, sm.params, chunk_rows=8, dtype=torch.float64)
+    np.testing.assert_allclose(a.counts, b.counts, rtol=2e-3, atol=0.5)
+
+
+def test_bad_input_is_a_clear_error():
+    from mapstorch.errors import InputError
+
+    sm = simulate_map(4, 4, seed=0)
+    ds = _dataset(sm)
+    with pytest.raises(InputError, match="unknown map method"):
+        fit_map(ds, sm.params, method="magic")
+    with pytest.raises(InputError, match="detector 3"):
+        fit_map(ds, sm.params, detector=3)
+    with pytest.raises(InputError, match="chunk_rows"):
+        fit_map(ds, sm.params, chunk_rows=0)
+
+
+# ----------------------------------------------------------------------------- CLI and resume
+def _write_inputs(tmp_path: Path, rows: int = 12, cols: int = 12) -> tuple[Path, Path]:
+    from mapstorch.io.override import new_override
+
+    sm = simulate_map(rows, cols, seed=3)
+    data = tmp_path / "scan.npy"
+    np.save(data, sm.counts.astype(np.float32))
+    ovr = tmp_path / "maps_fit_parameters_override.txt"
+    new_override(sm.params).write(ovr)
+    return data, ovr
+
+
+def test_cli_map_writes_the_xrfmaps_layout(tmp_path):
+    import h5py
+
+    from mapstorch.cli.main import main
+
+    data, ovr = _write_inputs(tmp_path)
+    out = tmp_path / "maps.h5"
+    assert main(["map", str(data), "--override", str(ovr), "--out", str(out), "--png", str(tmp_path / "png"),
+                 "--no-progress"]) == 0
+    with h5py.File(out) as f:
+        g = f["MAPS/XRF_Analyzed/NNLS"]
+        names = [n.decode().strip() for n in g["Channel_Names"][()]]
+        assert "Fe" in names and names[-2:] == ["Elastic", "Compton"]
+        assert g["Counts_Per_Sec"].shape == (len(names), 12, 12)
+        assert {"Counts_Stderr", "Reduced_Chi2", "Status"} <= set(g)
+        assert f["MAPS/Spectra/mca_arr"].shape[1:] == (12, 12)
+    assert (tmp_path / "png" / "counts_per_sec.png").stat().st_size > 10_000
+    assert not (tmp_path / "maps.h5.partial").exists()
+
+
+def test_killed_run_leaves_no_output_and_resumes(tmp_path):
+    data, ovr = _write_inputs(tmp_path, rows=24, cols=24)
+    out = tmp_path / "maps.h5"
+    work = tmp_path / "maps.h5.partial"
+    cmd = [sys.executable, "-m", "mapstorch", "map", str(data), "--override", str(ovr), "--out", str(out),
+           "--chunk-rows", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("chunk_*.npz"))) < 3 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in work.glob("chunk_*.npz"))
+    assert 3 <= len(done_before) < 24, done_before
+    assert not out.exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in work.glob("chunk_*.npz")}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"{len(done_before)} chunk(s) reused" in res.stdout
+    assert out.exists() and not work.exists()
+    # the resumed result equals an uninterrupted run
+    full = tmp_path / "full.h5"
+    res2 = subprocess.run(cmd[:-5] + ["--out", str(full), "--chunk-rows", "1", "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert res2.returncode == 0, res2.stderr
+    import h5py
+
+    with h5py.File(out) as a, h5py.File(full) as b:
+        np.testing.assert_array_equal(a["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"][()],
+                                      b["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"][()])
+    assert stamps  # the chunks existed before the rerun (their reuse is what the count above says)
+
+
+def test_map_2ide_nnls_per_detector(tmp_path):
+    from conftest import require_shared
+
+    from mapstorch.io import open_dataset
+    from mapstorch.io.override import read_override
+
+    folder = require_shared("xrfmaps-2ide")
+    override = read_override(folder / "maps_fit_parameters_override.txt")
+    with open_dataset(folder / "mda" / "2xfm_0010.mda", override=override) as ds:
+        results = [fit_map(ds, override, detector=d) for d in range(ds.detectors)]
+        total = fit_map(ds, override, detector="sum")
+    for r in results + [total]:
+        assert (r.status == 0).all()
+        assert np.all(np.isfinite(r.counts))
+    # fitting is linear in the data: the detectors' maps add up to the map of their sum
+    for name in ("Ar", "Ca", "Fe", "Cu"):
+        i = total.names.index(name)
+        per_detector = sum(float(r.counts[i].sum()) for r in results)
+        assert per_detector == pytest.approx(float(total.counts[i].sum()), rel=0.03), name
