@@ -60,6 +60,9 @@ def test_demo_spectrum_elements_are_found_exactly():
     assert fe.present and fe.decision == "present" and fe.significance > 100
     assert 0.9 < fe.secondary_ratio < 1.1  # Kb as tabulated (free within 25 % for a major)
     assert fe.counts == pytest.approx(sim.truth_counts["Fe"], rel=0.02)
+    co = g.evidence("Co")  # absent: what adding it would give, with its standard error
+    assert not co.present and math.isfinite(co.counts_stderr) and co.counts_stderr > 0
+    assert abs(co.counts) < 5 * co.counts_stderr
     assert g.seconds < 60
     d = g.to_dict()
     assert d["present"] == g.present and {c["name"] for c in d["candidates"]} >= truth

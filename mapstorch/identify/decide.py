@@ -263,6 +263,21 @@ def _wald(lin: _Linear, amps: Tensor, idx: Sequence[int]) -> dict[int, float]:
     return out
 
 
+def _counts_stderr(lin: _Linear, amps: Tensor, subset: Sequence[int], i: int) -> float:
+    """Standard error of column ``i``'s amplitude in the fit of ``subset`` (Fisher information,
+    its amplitude freed even at zero: what adding it could give)."""
+    cols = sorted(set(subset) | set(lin.always))
+    d = lin.d[:, cols]
+    m = torch.clamp(lin.model(amps), min=1e-9)
+    h = d.T @ ((lin.y / (m * m))[:, None] * d)
+    try:
+        cov = _scaled_inverse(h)
+    except RuntimeError:
+        return math.nan
+    v = float(cov[cols.index(i), cols.index(i)])
+    return math.sqrt(v) if v > 0 else math.nan
+
+
 def _weighted_cosine(d: Tensor, w: Tensor, i: int, j: int) -> float:
     a, b = d[:, i], d[:, j]
     num = float((w * a * b).sum())
@@ -450,7 +465,9 @@ def guess_elements(
             evidence.append(Evidence(name, True, "present", float(amps_chosen[i] * per_unit[i]), math.nan, sig,
                                      delta, reason, None, *(ratio or (None, None))))
             continue
-        cts = float(lin.fit(chosen + [i], amps_chosen)[1][i] * per_unit[i])
+        amps_with = lin.fit(chosen + [i], amps_chosen)[1]
+        cts = float(amps_with[i] * per_unit[i])
+        cts_err = _counts_stderr(lin, amps_with, chosen + [i], i) * float(per_unit[i])
         partner = _explained_by(lin, w, chosen, i, thr)
         if i in doubtful and ratio is not None:
             reason = (f"{_line_word(table, i)} inconsistent with its main line (ratio {ratio[0]:.2f} +- "
@@ -466,7 +483,7 @@ def guess_elements(
             decision = "uncertain"
         else:
             reason, decision = "no significant signal", "absent"
-        evidence.append(Evidence(name, False, decision, cts, math.nan, sig, delta, reason,
+        evidence.append(Evidence(name, False, decision, cts, cts_err, sig, delta, reason,
                                  names[partner] if partner is not None else None, *(ratio or (None, None))))
     # 6. final fit with the chosen list, shape free
     present = [names[i] for i in chosen]
