@@ -101,6 +101,38 @@ def test_poisson_beats_least_squares_at_low_counts():
     assert all(err["poisson"][n] < err["nnls"][n] for n in err["nnls"]), err
 
 
+def test_nonlinear_method_recovers_an_energy_drift_map():
+    from mapstorch.synthetic import simulate_spectrum
+
+    rows, cols = 3, 5
+    counts = {k: v / 20 for k, v in DEMO_SAMPLE.items()}
+    spectra, truth = [], []
+    for r in range(rows):
+        for c in range(cols):
+            off = -0.0042 + 0.03 * (c / (cols - 1) - 0.5)  # +-15 eV across the map
+            s = simulate_spectrum(counts=counts, params={"ENERGY_OFFSET": off}, seed=r * cols + c,
+                                  elastic_counts=1e4, compton_counts=6e4, continuum_level=1.5)
+            spectra.append(s.counts)
+            truth.append(off)
+    base = simulate_spectrum(counts=counts, seed=0)
+    cal = np.array([[float(base.params[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC")]])
+    sp = np.array(spectra, dtype=np.float32).reshape(rows, cols, 1, -1)
+    ds = Dataset(path="<drift>", format="npy", rows=rows, cols=cols, detectors=1, channels=sp.shape[-1],
+                 calibration=cal, spectra=sp)
+    fixed = fit_map(ds, base.params, method="nnls")
+    r = fit_map(ds, base.params, method="nonlinear")
+    assert (r.status == 0).all()
+    assert r.parameter_names == ("ENERGY_OFFSET", "ENERGY_SLOPE", "FWHM_OFFSET")
+    err = r.parameters[0] - np.array(truth).reshape(rows, cols)
+    assert np.abs(err).max() < 0.003  # 3 eV
+    assert np.all(np.abs(err) < 5 * r.parameters_stderr[0] + 1e-4)
+    assert np.nanmedian(r.reduced_chi2) < np.nanmedian(fixed.reduced_chi2)
+    fe = r.element("Fe") / base.truth_counts["Fe"] - 1
+    assert np.abs(np.median(fe)) < 0.01
+    out = r.xrfmaps_results()["Fitted"]["extra"]
+    assert out["Parameter_ENERGY_OFFSET"].shape == (rows, cols)
+
+
 def test_chunks_and_dtypes_agree():
     sm = simulate_map(8, 8, seed=2)
     ds = _dataset(sm)

@@ -2,8 +2,9 @@
 
 Fits every pixel with the shape parameters of the override file (``--override``, or the one
 beside the data) or of a spectrum fit (``--params fitted_override.txt``), by ``--method nnls``
-(XRF-Maps' NNLS: SNIP-subtracted, non-negative least squares) or ``poisson`` (non-negative
-Poisson maximum likelihood with the SNIP background in the model). Rows are streamed in chunks
+(XRF-Maps' NNLS: SNIP-subtracted, non-negative least squares), ``poisson`` (non-negative
+Poisson maximum likelihood with the background in the model) or ``nonlinear`` (parameter maps:
+``--parameter-maps`` shape parameters refitted per pixel with the amplitudes). Rows are streamed in chunks
 (``--chunk-rows``); each finished chunk is kept in ``OUT.partial/``, so an interrupted run
 started again resumes where it stopped; the output file is written (atomically) only when every
 chunk is done, and the partial folder is removed then.
@@ -24,13 +25,15 @@ from mapstorch.errors import InputError
 
 __all__ = ["add_map_parser", "run_map"]
 
-METHOD_CHOICES = ("nnls", "poisson")  # mapstorch.maps.METHODS, spelled out so the parser does not import torch
+METHOD_CHOICES = ("nnls", "poisson", "nonlinear")  # mapstorch.maps.METHODS, spelled out so the parser does not import torch
 
 
 def add_map_parser(sub, data_options) -> None:
     p = sub.add_parser("map", help="elemental maps of every pixel (NNLS or Poisson), streamed and resumable")
     p.add_argument("file", help="XRF-Maps HDF5, fly-scan HDF5, EPICS MDA, GSE MCA, .npy or text")
     p.add_argument("--method", choices=METHOD_CHOICES, default="nnls", help="default: nnls (as XRF-Maps)")
+    p.add_argument("--parameter-maps", help="shape parameters --method nonlinear refits per pixel (default "
+                   "ENERGY_OFFSET,ENERGY_SLOPE,FWHM_OFFSET)")
     p.add_argument("--params", help="an override file with the shape parameters to use (e.g. from `mapstorch fit "
                    "--out-override`); default: --override / the one beside the data")
     p.add_argument("--elements", help="components to fit (default: the override file's ELEMENTS_TO_FIT)")
@@ -89,7 +92,8 @@ def run_map(args: argparse.Namespace) -> int:
         try:
             result = fit_map(ds, params, elements, method=args.method, detector=args.detector,
                              chunk_rows=args.chunk_rows, device=args.device, dtype=dtype, work_dir=work,
-                             progress=progress)
+                             parameter_maps=[n.strip() for n in args.parameter_maps.split(",") if n.strip()]
+                             if args.parameter_maps else None, progress=progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -112,6 +116,10 @@ def run_map(args: argparse.Namespace) -> int:
             rel = np.nanmedian(np.where(c > 0, e / c, np.nan)) if np.any(c > 0) else float("nan")
         lines.append(f"{name:<12} {float(np.mean(c)):12.5g} {float(np.nanmedian(result.counts_per_sec[i])):12.5g} "
                      f"{rel:21.3g}")
+    for i, name in enumerate(result.parameter_names):
+        v = result.parameters[i]
+        lines.append(f"parameter   {name}: median {float(np.nanmedian(v)):.6g}, range {float(np.nanmin(v)):.6g} - "
+                     f"{float(np.nanmax(v)):.6g}")
     lines += [f"note        {n}" for n in result.notes]
     if args.png:
         from mapstorch.plotting import plot_maps
@@ -121,9 +129,10 @@ def run_map(args: argparse.Namespace) -> int:
         maps = {n: result.counts_per_sec[i] for i, n in enumerate(result.names)}
         plot_maps(png / "counts_per_sec.png", maps, title=f"{Path(args.file).name}: counts/s ({result.method})",
                   units="cts/s")
-        plot_maps(png / "quality.png", {"reduced chi2": result.reduced_chi2,
-                                        "iterations": result.iterations.astype(float)},
-                  title="fit quality per pixel", units={"reduced chi2": "", "iterations": ""})
+        quality = {"reduced chi2": result.reduced_chi2, "iterations": result.iterations.astype(float)}
+        quality.update({n: result.parameters[i] for i, n in enumerate(result.parameter_names)})
+        plot_maps(png / "quality.png", quality, title="fit quality and parameter maps per pixel",
+                  units={n: "" for n in quality})
         lines.append(f"wrote       {png / 'counts_per_sec.png'}, {png / 'quality.png'}")
     lines.append(f"wrote       {out}")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -41,9 +41,11 @@ from mapstorch.maps import solvers
 from mapstorch.physics.model import SpectrumModel, fit_window
 from mapstorch.physics.snip import snip_window
 
-__all__ = ["fit_map", "MapResult", "METHODS", "STATUS_CODES"]
+__all__ = ["fit_map", "MapResult", "METHODS", "STATUS_CODES", "DEFAULT_PARAMETER_MAPS"]
 
-METHODS = ("nnls", "poisson")
+METHODS = ("nnls", "poisson", "nonlinear")
+#: Shape parameters the nonlinear method refits per pixel unless told otherwise.
+DEFAULT_PARAMETER_MAPS = ("ENERGY_OFFSET", "ENERGY_SLOPE", "FWHM_OFFSET")
 STATUS_CODES = {0: "converged", 1: "max-iterations", 2: "non-finite"}
 
 #: ``progress(pixels_done, pixels_total)``
@@ -72,13 +74,16 @@ class MapResult:
     pixels_per_second: float
     chunks_reused: int = 0
     notes: list[str] = field(default_factory=list)
+    parameter_names: tuple[str, ...] = ()
+    parameters: np.ndarray | None = None  # [n, rows, cols] (nonlinear method)
+    parameters_stderr: np.ndarray | None = None
 
     def element(self, name: str) -> np.ndarray:
         return self.counts[self.names.index(name)]
 
     def routine_name(self) -> str:
         """The ``/MAPS/XRF_Analyzed`` group: XRF-Maps' ``NNLS`` for nnls, ``Poisson`` for ours."""
-        return {"nnls": "NNLS", "poisson": "Poisson"}[self.method]
+        return {"nnls": "NNLS", "poisson": "Poisson", "nonlinear": "Fitted"}[self.method]
 
     def xrfmaps_results(self) -> dict[str, dict[str, object]]:
         """``results`` for :func:`~mapstorch.io.hdf5.write_xrfmaps_h5`: Counts_Per_Sec with
@@ -94,6 +99,8 @@ class MapResult:
                 "Reduced_Chi2": self.reduced_chi2,
                 "Iterations": self.iterations.astype(np.float32),
                 "Status": self.status.astype(np.float32),
+                **{f"Parameter_{n}": self.parameters[i] for i, n in enumerate(self.parameter_names)},
+                **{f"Parameter_{n}_Stderr": self.parameters_stderr[i] for i, n in enumerate(self.parameter_names)},
             },
         }}
 
@@ -121,6 +128,7 @@ def fit_map(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     max_iter: int | None = None,
+    parameter_maps: Sequence[str] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> MapResult:
@@ -129,7 +137,9 @@ def fit_map(
     params : an override file, a ParameterSet (e.g. a spectrum fit's ``result.params``) or
         ``{MAPS name: value}``; elements : components (default: the override file's).
     detector : ``"sum"`` (all detector elements added) or a detector index.
-    chunk_rows : rows per chunk (default: about 4096 pixels).
+    chunk_rows : rows per chunk (default: about 4096 pixels; 512 for ``nonlinear``).
+    parameter_maps : shape parameters the ``nonlinear`` method refits per pixel (default
+        :data:`DEFAULT_PARAMETER_MAPS`: energy offset and slope, detector width).
     """
     from mapstorch.fit.spectrum import _parameter_set
 
@@ -161,18 +171,35 @@ def fit_map(
     off, slope, quad, width = (float(ps[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC",
                                                           "SNIP_WIDTH"))
     rows, cols = dataset.rows, dataset.cols
+    free_names: tuple[str, ...] = ()
+    nl = None
+    if method == "nonlinear":
+        free_names = tuple(parameter_maps or DEFAULT_PARAMETER_MAPS)
+        try:
+            idx = [ps.index(n) for n in free_names]
+        except Exception as exc:  # noqa: BLE001 -- an unknown name
+            raise InputError(f"parameter maps: {exc}") from None
+        lo = ps.lower[idx].to(device=device, dtype=dtype)
+        hi = ps.upper[idx].to(device=device, dtype=dtype)
+        span = torch.where(torch.isfinite(hi - lo), hi - lo, theta[idx].abs() * 10 + 1e-3)
+        nl = {"model": model, "theta": theta, "free": torch.tensor(idx, device=device), "lower": lo, "upper": hi,
+              "steps": 1e-3 * span}
     if chunk_rows is None:
-        chunk_rows = max(1, 4096 // max(cols, 1))
+        chunk_rows = max(1, (512 if method == "nonlinear" else 4096) // max(cols, 1))
     if chunk_rows < 1:
         raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
     live = None
     if dataset.live_time is not None:
         live = dataset.live_time[..., dets].mean(-1) if detector == "sum" else dataset.live_time[..., dets[0]]
     settings = {"method": method, "detector": str(detector), "names": list(names), "window": [window.first, window.last],
+                "parameter_maps": list(free_names),
                 "theta": [round(float(v), 12) for v in theta.double().tolist()], "dtype": str(dtype),
                 "max_iter": max_iter, "input": _file_identity(dataset.path), "rows": rows, "cols": cols}
     store = _ChunkStore(work_dir, settings) if work_dir is not None else None
 
+    n_par = len(free_names)
+    pars = np.full((n_par, rows, cols), np.nan, np.float32)
+    pars_err = np.full((n_par, rows, cols), np.nan, np.float32)
     counts = np.zeros((n_comp, rows, cols), np.float32)
     stderr = np.full((n_comp, rows, cols), np.nan, np.float32)
     rchi2 = np.full((rows, cols), np.nan, np.float32)
@@ -189,9 +216,9 @@ def fit_map(
             block = dataset.read(slice(start, stop), dets)  # [r, cols, nd, C]
             y = torch.as_tensor(np.ascontiguousarray(block.sum(2)), device=device).to(dtype)
             y = y.reshape(-1, dataset.channels)
-            part = _fit_chunk(y, design, per_unit, (off, slope, quad, width), window, method, max_iter)
-            part = {k: v.reshape((v.shape[0], stop - start, cols) if v.ndim == 2 and k in ("counts", "stderr")
-                                 else (stop - start, cols)) for k, v in part.items()}
+            part = _fit_chunk(y, design, per_unit, (off, slope, quad, width), window, method, max_iter, nl)
+            part = {k: v.reshape((v.shape[0], stop - start, cols) if v.ndim == 2 else (stop - start, cols))
+                    for k, v in part.items()}
             if store is not None:
                 store.save(start, stop, part)
             t_fit += time.perf_counter() - ts
@@ -203,6 +230,9 @@ def fit_map(
         rchi2[start:stop] = part["rchi2"]
         iters[start:stop] = part["iterations"]
         status[start:stop] = part["status"]
+        if n_par:
+            pars[:, start:stop] = part["parameters"]
+            pars_err[:, start:stop] = part["parameters_stderr"]
         if progress is not None:
             progress(stop * cols, rows * cols)
     if live is not None:
@@ -220,11 +250,12 @@ def fit_map(
         notes.append(f"{bad} pixel(s) did not converge (see the Status map: 1 max-iterations, 2 non-finite)")
     seconds = time.perf_counter() - t0
     return MapResult(method, names, counts, stderr, cps, rchi2, iters, status, str(detector), seconds,
-                     fitted_pixels / t_fit if t_fit > 0 else math.nan, reused, notes)
+                     fitted_pixels / t_fit if t_fit > 0 else math.nan, reused, notes, free_names,
+                     pars if n_par else None, pars_err if n_par else None)
 
 
 def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, cal: tuple[float, float, float, float],
-               window, method: str, max_iter: int | None) -> dict[str, np.ndarray]:
+               window, method: str, max_iter: int | None, nl: dict | None = None) -> dict[str, np.ndarray]:
     """Fit the pixels ``y [P, C]`` of one chunk; numpy arrays ``counts``/``stderr`` ``[K, P]`` and
     ``rchi2``/``iterations``/``status`` ``[P]``."""
     off, slope, quad, width = cal
@@ -242,6 +273,9 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
             full, it2, ok = solvers.poisson(aug, yw, torch.zeros_like(yw), start, max_iter=max_iter or 500)
             a, bg = full[:, :-1], full[:, -1:] * shape[None, :]
             it = it + it2
+        extra = {}
+        if method == "nonlinear" and nl is not None:
+            return _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
         m = a @ design.T + bg
         se = solvers.poisson_stderr(design, m, a) * per_unit
         dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
@@ -250,7 +284,40 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
         code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
         counts = torch.where(finite[:, None], a * per_unit, torch.zeros_like(a))
     return {"counts": counts.T.float().cpu().numpy(), "stderr": se.T.float().cpu().numpy(),
-            "rchi2": chi.float().cpu().numpy(), "iterations": it.int().cpu().numpy(), "status": code.cpu().numpy()}
+            "rchi2": chi.float().cpu().numpy(), "iterations": it.int().cpu().numpy(), "status": code.cpu().numpy(),
+            **extra}
+
+
+def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, batch: int = 256) -> dict[str, np.ndarray]:
+    """Per-pixel refit of the shape parameters ``nl["free"]`` with the amplitudes, in batches of
+    pixels (the batched design matrix is ``[batch, C, K + 2]``)."""
+    model, theta0, free = nl["model"], nl["theta"], nl["free"]
+    out: dict[str, list] = {k: [] for k in ("counts", "stderr", "rchi2", "iterations", "status", "parameters",
+                                            "parameters_stderr")}
+    n = int(free.numel())
+    for s0 in range(0, y.shape[0], batch):
+        sl = slice(s0, min(s0 + batch, y.shape[0]))
+        p = sl.stop - sl.start
+        th = theta0.expand(p, -1).clone()
+        with torch.no_grad():
+            th, a, err, iters, ok = solvers.nonlinear(model.design_matrix, th, free, nl["lower"], nl["upper"],
+                                                      yw[sl], bg[sl], a0[sl], nl["steps"], max_iter=max_iter or 30)
+            d = model.design_matrix(th)
+            unit = d.sum(1)  # [p, K]: counts per unit amplitude at each pixel's shape
+            m = (d @ a[..., None])[..., 0] + bg[sl]
+            dof = (yw.shape[1] - (a > 0).sum(1) - n).clamp(min=1)
+            chi = solvers.pearson_chi2(yw[sl], m) / dof
+            finite = torch.isfinite(a).all(1) & torch.isfinite(chi) & torch.isfinite(th).all(1)
+            code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
+        out["counts"].append((a * unit).T)
+        out["stderr"].append((err[:, n:] * unit).T)
+        out["rchi2"].append(chi)
+        out["iterations"].append(it0[sl] + iters)
+        out["status"].append(code)
+        out["parameters"].append(th[:, free].T)
+        out["parameters_stderr"].append(err[:, :n].T)
+    cat = {k: torch.cat(v, -1) for k, v in out.items()}
+    return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in cat.items()}
 
 
 class _ChunkStore:
