@@ -239,3 +239,20 @@ def test_map_2ide_nnls_per_detector(tmp_path):
         i = total.names.index(name)
         per_detector = sum(float(r.counts[i].sum()) for r in results)
         assert per_detector == pytest.approx(float(total.counts[i].sum()), rel=0.03), name
+
+
+def test_dask_local_cluster_gives_the_same_maps(tmp_path):
+    pytest.importorskip("distributed")
+    import h5py
+
+    from mapstorch.cli.main import main
+
+    data, ovr = _write_inputs(tmp_path, rows=8, cols=8)
+    local, dist = tmp_path / "local.h5", tmp_path / "dask.h5"
+    assert main(["map", str(data), "--override", str(ovr), "--out", str(local), "--chunk-rows", "2",
+                 "--no-progress"]) == 0
+    assert main(["map", str(data), "--override", str(ovr), "--out", str(dist), "--chunk-rows", "2",
+                 "--dask-local", "2", "--no-progress"]) == 0
+    with h5py.File(local) as a, h5py.File(dist) as b:
+        for key in ("Counts_Per_Sec", "Counts_Stderr", "Reduced_Chi2"):
+            np.testing.assert_array_equal(a[f"MAPS/XRF_Analyzed/NNLS/{key}"][()], b[f"MAPS/XRF_Analyzed/NNLS/{key}"][()])

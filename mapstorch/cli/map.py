@@ -43,6 +43,8 @@ def add_map_parser(sub, data_options) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: about 4096 pixels)")
     p.add_argument("--png", help="write map images (PNG) into this folder")
+    p.add_argument("--dask", metavar="ADDRESS", help="fit the chunks on this Dask scheduler (tcp://host:8786)")
+    p.add_argument("--dask-local", type=int, metavar="N", help="fit the chunks on a local Dask cluster of N workers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     data_options(p)
     p.set_defaults(func=run_map)
@@ -78,6 +80,28 @@ def run_map(args: argparse.Namespace) -> int:
     if args.params:
         lines.append(f"parameters  {args.params}")
     dtype = torch.float32 if args.dtype == "float32" else torch.float64
+    if args.dask and args.dask_local:
+        raise InputError("give --dask ADDRESS or --dask-local N, not both")
+    if args.dask_local is not None and args.dask_local < 1:
+        raise InputError(f"--dask-local needs at least 1 worker, got {args.dask_local}")
+    cluster = client = None
+    if args.dask or args.dask_local:
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise InputError("--dask needs the 'distributed' package: pip install 'dask[distributed]'") from None
+        import logging
+
+        if not getattr(args, "verbose", 0):  # the cluster's start-up chatter, unless -v
+            for name in ("distributed", "dask"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        if args.dask_local:
+            cluster = LocalCluster(n_workers=args.dask_local, threads_per_worker=1, host="127.0.0.1",
+                                   dashboard_address=None)
+            client = Client(cluster)
+        else:
+            client = Client(args.dask)
+        lines.append(f"dask        {client.scheduler.address} ({len(client.scheduler_info()['workers'])} workers)")
     with open_dataset(args.file, format=args.format, override=override, channel_axis=args.channel_axis) as ds:
         bar = None
         if not args.no_progress and sys.stderr.isatty():
@@ -90,13 +114,17 @@ def run_map(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
         try:
-            result = fit_map(ds, params, elements, method=args.method, detector=args.detector,
+            result = fit_map(ds, params, elements, method=args.method, detector=args.detector, dask=client,
                              chunk_rows=args.chunk_rows, device=args.device, dtype=dtype, work_dir=work,
                              parameter_maps=[n.strip() for n in args.parameter_maps.split(",") if n.strip()]
                              if args.parameter_maps else None, progress=progress)
         finally:
             if bar is not None:
                 bar.close()
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                cluster.close()
         write_xrfmaps_h5(out, ds, override=override, results=result.xrfmaps_results())
         lines.append(f"data        {ds.path}: {ds.rows} x {ds.cols} pixels, detector {result.detector}, "
                      f"{ds.channels} channels")

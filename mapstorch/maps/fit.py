@@ -130,6 +130,7 @@ def fit_map(
     max_iter: int | None = None,
     parameter_maps: Sequence[str] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
+    dask=None,
     progress: Progress | None = None,
 ) -> MapResult:
     """Fit every pixel of ``dataset`` with the shape parameters fixed (module docstring).
@@ -140,6 +141,9 @@ def fit_map(
     chunk_rows : rows per chunk (default: about 4096 pixels; 512 for ``nonlinear``).
     parameter_maps : shape parameters the ``nonlinear`` method refits per pixel (default
         :data:`DEFAULT_PARAMETER_MAPS`: energy offset and slope, detector width).
+    dask : a ``distributed.Client`` (or a scheduler address) to fit the chunks on: each task
+        opens the input file itself and returns its chunk; this process stores and assembles
+        them (the dataset must come from a file).
     """
     from mapstorch.fit.spectrum import _parameter_set
 
@@ -207,24 +211,7 @@ def fit_map(
     status = np.zeros((rows, cols), np.int8)
     reused = 0
     fitted_pixels = 0
-    t_fit = 0.0
-    for start in range(0, rows, chunk_rows):
-        stop = min(start + chunk_rows, rows)
-        part = store.load(start, stop) if store is not None else None
-        if part is None:
-            ts = time.perf_counter()
-            block = dataset.read(slice(start, stop), dets)  # [r, cols, nd, C]
-            y = torch.as_tensor(np.ascontiguousarray(block.sum(2)), device=device).to(dtype)
-            y = y.reshape(-1, dataset.channels)
-            part = _fit_chunk(y, design, per_unit, (off, slope, quad, width), window, method, max_iter, nl)
-            part = {k: v.reshape((v.shape[0], stop - start, cols) if v.ndim == 2 else (stop - start, cols))
-                    for k, v in part.items()}
-            if store is not None:
-                store.save(start, stop, part)
-            t_fit += time.perf_counter() - ts
-            fitted_pixels += (stop - start) * cols
-        else:
-            reused += 1
+    def place(start: int, stop: int, part: Mapping[str, np.ndarray]) -> None:
         counts[:, start:stop] = part["counts"]
         stderr[:, start:stop] = part["stderr"]
         rchi2[start:stop] = part["rchi2"]
@@ -233,8 +220,34 @@ def fit_map(
         if n_par:
             pars[:, start:stop] = part["parameters"]
             pars_err[:, start:stop] = part["parameters_stderr"]
+
+    spans = [(start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows)]
+    todo = []
+    done_pixels = 0
+    for start, stop in spans:
+        part = store.load(start, stop) if store is not None else None
+        if part is None:
+            todo.append((start, stop))
+            continue
+        reused += 1
+        place(start, stop, part)
+        done_pixels += (stop - start) * cols
+    job = _Job(design, per_unit, (off, slope, quad, width), (window.first, window.last), method, max_iter, nl,
+               dets, cols, dataset.channels, device, dtype)
+    ts = time.perf_counter()
+    if dask is None:
+        results = ((start, stop, job.run(dataset.read(slice(start, stop), dets), stop - start)) for start, stop in todo)
+    else:
+        results = _distributed(dask, job, dataset, todo)
+    for start, stop, part in results:
+        if store is not None:
+            store.save(start, stop, part)
+        place(start, stop, part)
+        fitted_pixels += (stop - start) * cols
+        done_pixels += (stop - start) * cols
         if progress is not None:
-            progress(stop * cols, rows * cols)
+            progress(done_pixels, rows * cols)
+    t_fit = time.perf_counter() - ts
     if live is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
             cps = np.where(live > 0, counts / live[None], np.nan).astype(np.float32)
@@ -252,6 +265,75 @@ def fit_map(
     return MapResult(method, names, counts, stderr, cps, rchi2, iters, status, str(detector), seconds,
                      fitted_pixels / t_fit if t_fit > 0 else math.nan, reused, notes, free_names,
                      pars if n_par else None, pars_err if n_par else None)
+
+
+@dataclass
+class _Job:
+    """Everything a chunk fit needs besides the spectra (picklable, for Dask workers)."""
+
+    design: torch.Tensor
+    per_unit: torch.Tensor
+    cal: tuple[float, float, float, float]
+    window: tuple[int, int]
+    method: str
+    max_iter: int | None
+    nl: dict | None
+    dets: list[int]
+    cols: int
+    channels: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def run(self, block: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
+        """Fit one block of spectra ``[rows, cols, detectors, C]``; arrays shaped by rows and cols."""
+        from mapstorch.physics.model import FitWindow
+
+        y = torch.as_tensor(np.ascontiguousarray(block.sum(2)), device=self.device).to(self.dtype)
+        y = y.reshape(-1, self.channels)
+        part = _fit_chunk(y, self.design, self.per_unit, self.cal, FitWindow(*self.window), self.method,
+                          self.max_iter, self.nl)
+        return {k: v.reshape((v.shape[0], n_rows, self.cols) if v.ndim == 2 else (n_rows, self.cols))
+                for k, v in part.items()}
+
+
+def _remote_chunk(job: _Job, path: str, fmt: str, start: int, stop: int) -> tuple[int, int, dict]:
+    """A Dask task: open the input file here, read rows ``start:stop``, fit them."""
+    from mapstorch.io.open import open_dataset
+
+    torch.set_num_threads(1)
+    with open_dataset(path, format=fmt) as ds:
+        block = ds.read(slice(start, stop), job.dets)
+    return start, stop, job.run(block, stop - start)
+
+
+def _distributed(client, job: _Job, dataset: Dataset, todo: Sequence[tuple[int, int]]):
+    """Fit the chunks ``todo`` on a Dask cluster; yield ``(start, stop, part)`` as they finish."""
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise InputError("distributing over Dask needs the 'distributed' package: pip install 'dask[distributed]'"
+                         ) from None
+    if not Path(dataset.path).exists():
+        raise InputError(f"distributing over Dask needs the data in a file each worker can open; {dataset.path!r} "
+                         "is not one")
+    own = None
+    if isinstance(client, str):
+        own = client = Client(client)
+    try:
+        cpu_job = job
+        if job.device.type != "cpu":  # workers fit on their own CPUs
+            cpu_job = _Job(**{**job.__dict__, "device": torch.device("cpu"), "design": job.design.cpu(),
+                              "per_unit": job.per_unit.cpu()})
+        if cpu_job.nl is not None:
+            cpu_job.nl = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in cpu_job.nl.items()}
+        scattered = client.scatter(cpu_job, broadcast=True)
+        futures = [client.submit(_remote_chunk, scattered, str(Path(dataset.path).resolve()), dataset.format, a, b,
+                                 pure=False) for a, b in todo]
+        for fut in as_completed(futures):
+            yield fut.result()
+    finally:
+        if own is not None:
+            own.close()
 
 
 def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, cal: tuple[float, float, float, float],
