@@ -256,3 +256,25 @@ def test_dask_local_cluster_gives_the_same_maps(tmp_path):
     with h5py.File(local) as a, h5py.File(dist) as b:
         for key in ("Counts_Per_Sec", "Counts_Stderr", "Reduced_Chi2"):
             np.testing.assert_array_equal(a[f"MAPS/XRF_Analyzed/NNLS/{key}"][()], b[f"MAPS/XRF_Analyzed/NNLS/{key}"][()])
+
+
+def test_cli_map_each_detector_writes_xrfmaps_files(tmp_path):
+    import h5py
+    from conftest import require_shared
+
+    from mapstorch.cli.main import main
+
+    folder = require_shared("xrfmaps-2ide")
+    out = tmp_path / "2xfm_0010.h5"
+    assert main(["map", str(folder / "mda" / "2xfm_0010.mda"), "--out", str(out), "--detector", "each",
+                 "--no-progress"]) == 0
+    files = [out] + [Path(f"{out}{d}") for d in range(4)]
+    cps = []
+    for f in files:
+        with h5py.File(f) as h5:
+            cps.append(h5["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"][()])
+    assert all(c.shape == cps[0].shape for c in cps)
+    assert not Path(f"{out}.partial").exists()
+    # each detector's counts are about a quarter of the sum's (four similar elements)
+    total = float(cps[0].sum())
+    assert all(0.1 * total < float(c.sum()) < 0.5 * total for c in cps[1:])

@@ -37,7 +37,8 @@ def add_map_parser(sub, data_options) -> None:
     p.add_argument("--params", help="an override file with the shape parameters to use (e.g. from `mapstorch fit "
                    "--out-override`); default: --override / the one beside the data")
     p.add_argument("--elements", help="components to fit (default: the override file's ELEMENTS_TO_FIT)")
-    p.add_argument("--detector", default="sum", help="'sum' (default) or a detector index")
+    p.add_argument("--detector", default="sum", help="'sum' (default), a detector index, or 'each' (the sum in "
+                   "OUT, each detector element in OUT0, OUT1, ... as XRF-Maps writes them)")
     p.add_argument("--out", help="output .h5 (default: <file stem>_maps.h5 in the current folder)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -113,11 +114,18 @@ def run_map(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.update(done - bar.n)
 
+        each = str(args.detector).lower() == "each"
+        targets = ["sum", *range(ds.detectors)] if each else [args.detector]
+        runs = []
         try:
-            result = fit_map(ds, params, elements, method=args.method, detector=args.detector, dask=client,
-                             chunk_rows=args.chunk_rows, device=args.device, dtype=dtype, work_dir=work,
-                             parameter_maps=[n.strip() for n in args.parameter_maps.split(",") if n.strip()]
-                             if args.parameter_maps else None, progress=progress)
+            for det in targets:
+                runs.append(fit_map(ds, params, elements, method=args.method, detector=det, dask=client,
+                                    chunk_rows=args.chunk_rows, device=args.device, dtype=dtype,
+                                    work_dir=work / f"detector_{det}" if each else work,
+                                    parameter_maps=[n.strip() for n in args.parameter_maps.split(",") if n.strip()]
+                                    if args.parameter_maps else None, progress=progress))
+                if bar is not None:
+                    bar.reset()
         finally:
             if bar is not None:
                 bar.close()
@@ -125,9 +133,14 @@ def run_map(args: argparse.Namespace) -> int:
                 client.close()
             if cluster is not None:
                 cluster.close()
-        write_xrfmaps_h5(out, ds, override=override, results=result.xrfmaps_results())
-        lines.append(f"data        {ds.path}: {ds.rows} x {ds.cols} pixels, detector {result.detector}, "
+        result = runs[0]
+        written = write_xrfmaps_h5(out, ds, override=override, results=result.xrfmaps_results(), per_detector=each,
+                                   detector_results=[r.xrfmaps_results() for r in runs[1:]] if each else None)
+        lines.append(f"data        {ds.path}: {ds.rows} x {ds.cols} pixels, detector {args.detector}, "
                      f"{ds.channels} channels")
+    if each:
+        for det in targets:
+            _ChunkStore.discard(work / f"detector_{det}")
     _ChunkStore.discard(work)
     counts = {s: int((result.status == c).sum()) for c, s in STATUS_CODES.items()}
     lines += [
@@ -162,6 +175,6 @@ def run_map(args: argparse.Namespace) -> int:
         plot_maps(png / "quality.png", quality, title="fit quality and parameter maps per pixel",
                   units={n: "" for n in quality})
         lines.append(f"wrote       {png / 'counts_per_sec.png'}, {png / 'quality.png'}")
-    lines.append(f"wrote       {out}")
+    lines += [f"wrote       {path}" for path in written]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

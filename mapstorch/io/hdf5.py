@@ -667,6 +667,7 @@ def write_xrfmaps_h5(
     results: Mapping[str, Mapping[str, object]] | None = None,
     chunk_rows: int | None = None,
     compression: str | None = "gzip",
+    detector_results: Sequence[Mapping[str, Mapping[str, object]] | None] | None = None,
 ) -> list[Path]:
     """Write ``dataset`` in the XRF-Maps version-10 layout; returns the files written.
 
@@ -681,6 +682,7 @@ def write_xrfmaps_h5(
         "Fitted_Integrated_Spectra", "FIT_Integrated_Background", "extra": {name: (..., rows, cols)}}}``
         for ``/MAPS/XRF_Analyzed`` (``extra`` maps are written under their own names).
     chunk_rows : rows read and written at a time (default: about 16 MB of spectra).
+    detector_results : with ``per_detector``, one ``results`` (or None) per detector file.
 
     Spectra are streamed block by block. Every file is written to a temporary name in the
     target folder and renamed when complete, so an interrupted write leaves no file under the
@@ -704,7 +706,14 @@ def write_xrfmaps_h5(
         def override_of(i: int):
             return per[i - 1] if i > 0 and per and per[i - 1] is not None else override
 
-        sinks = [_write_file(h5, dataset, None if i == 0 else i - 1, override_of(i), results, compression)
+        det_res = list(detector_results or [])
+        if det_res and len(det_res) != dataset.detectors:
+            raise DataFileError(f"detector_results has {len(det_res)} entries for {dataset.detectors} detectors")
+
+        def results_of(i: int):
+            return results if i == 0 else (det_res[i - 1] if det_res else None)
+
+        sinks = [_write_file(h5, dataset, None if i == 0 else i - 1, override_of(i), results_of(i), compression)
                  for i, h5 in enumerate(files)]
         n = len(sinks)
         totals = np.zeros((n, dataset.channels), dtype=np.float64)
