@@ -117,3 +117,16 @@ def test_bad_input():
         snip_background(torch.zeros(100), 0.0, 0.01, mode="fast")
     with pytest.raises(InputError, match="window"):
         snip_background(torch.zeros(100), 0.0, 0.01, window=(200, 300))
+
+
+def test_snip_window_equals_the_window_of_the_full_background():
+    import torch
+
+    from mapstorch.physics.snip import snip_background, snip_window
+
+    gen = torch.Generator().manual_seed(3)
+    y = torch.poisson(torch.rand(6, 1024, generator=gen, dtype=torch.float64) * 40 + 3, generator=gen)
+    for window in ((100, 700), (0, 1023), (2, 1021)):
+        full = snip_background(y, -0.01, 0.0125, 1e-7, 0.7, window)[:, window[0]:window[1] + 1]
+        part = snip_window(y, -0.01, 0.0125, 1e-7, 0.7, window)
+        torch.testing.assert_close(part, full, rtol=1e-12, atol=1e-10)

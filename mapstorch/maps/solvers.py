@@ -98,7 +98,13 @@ def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor) -> Tensor:
     ``D^T diag(1 / m) D`` over the non-zero amplitudes of each pixel (others: NaN)."""
     k = design.shape[1]
     w = 1.0 / model.clamp(min=1.0)  # [P, C]
-    info = torch.einsum("ck,pc,cl->pkl", design, w, design)  # [P, K, K]
+    # one matrix product over the K (K + 1) / 2 distinct entries of the symmetric information
+    iu = torch.triu_indices(k, k, device=design.device)
+    pairs = design[:, iu[0]] * design[:, iu[1]]  # [C, K (K + 1) / 2]
+    upper = w @ pairs
+    info = design.new_zeros(w.shape[0], k, k)
+    info[:, iu[0], iu[1]] = upper
+    info[:, iu[1], iu[0]] = upper
     active = amplitudes > 0
     eye = torch.eye(k, dtype=design.dtype, device=design.device)
     mask = active[:, :, None] & active[:, None, :]

@@ -29,9 +29,11 @@ It differs slightly from XRF-Maps' numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -225,6 +227,38 @@ def snip_background(
     return torch.where(torch.isfinite(bg), bg, torch.zeros_like(bg))
 
 
+@functools.lru_cache(maxsize=256)
+def _sweep_plan(w_bytes: bytes, n: int, lo_limit: int, up_limit: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """``(lo, hi, blocks)`` of one sweep: the channels each channel reads, and blocks of window
+    channels whose left neighbours all lie before the block (or are the channel itself), so a
+    whole block can be updated at once and the sweep stays exactly sequential."""
+    w = np.frombuffer(w_bytes, dtype=np.float64)
+    k = np.arange(n)
+    lo = np.clip(np.clip(np.trunc(k - w).astype(np.int64), lo_limit, None), None, up_limit)
+    hi = np.clip(np.trunc(k + w).astype(np.int64), None, up_limit)
+    blocks = []
+    s = lo_limit
+    while s <= up_limit:
+        e = s + 1
+        while e <= up_limit and (lo[e] < s or lo[e] == e):
+            e += 1
+        blocks.append((s, e))
+        s = e
+    return lo, hi, tuple(blocks)
+
+
+def _sweep_blocked(v: Tensor, w: Tensor, lo_limit: int, up_limit: int) -> Tensor:
+    """One XRF-Maps in-place sweep over the window channels of ``v [C, P]`` (channel-major, all
+    spectra sharing the widths ``w [C]``), block by block (see :func:`_sweep_plan`)."""
+    lo, hi, blocks = _sweep_plan(w.detach().double().cpu().numpy().tobytes(), v.shape[0], lo_limit, up_limit)
+    lo_t = torch.as_tensor(lo, device=v.device)
+    hi_t = torch.as_tensor(hi, device=v.device)
+    for s, e in blocks:
+        rhs = 0.5 * (v.index_select(0, lo_t[s:e]) + v.index_select(0, hi_t[s:e]))
+        torch.minimum(v[s:e], rhs, out=v[s:e])
+    return v
+
+
 def snip_window(
     spectra: Tensor,
     offset: float,
@@ -237,7 +271,9 @@ def snip_window(
 
     The same numbers as ``snip_background(...)[..., first:last + 1]`` (window channels only read
     window channels, and the 5-channel smoothing two more on each side), for a fraction of the
-    work when the window is a part of the spectrum; one calibration for all spectra (a map).
+    work when the window is a part of the spectrum; one calibration for all spectra (a map). On
+    the CPU the sweeps run block by block over channel-major data (XRF-Maps' own sequential
+    order); elsewhere by pointer jumping (every channel in parallel).
     """
     n = spectra.shape[-1]
     first, last = int(window[0]), int(window[1])
@@ -254,13 +290,20 @@ def snip_window(
     w_full = snip_widths(n, offset, slope, quadratic, width, dtype=spectra.dtype, device=spectra.device).reshape(-1)
     w = w_full[a:b]
     lo_limit, up_limit = first - a, last - a
+    blocked = spectra.device.type == "cpu"
+    if blocked:
+        lead = v.shape[:-1]
+        v = v.reshape(-1, v.shape[-1]).T.contiguous()  # [C, P]
+    sweep = _sweep_blocked if blocked else _pass_exact_shared
     for _ in range(2):
-        v = _pass_exact_shared(v, w, lo_limit, up_limit)
+        v = sweep(v, w, lo_limit, up_limit)
     top = float(w_full.max())  # the number of passes follows the whole spectrum's widest window
     while top >= 0.5:
-        v = _pass_exact_shared(v, w, lo_limit, up_limit)
+        v = sweep(v, w, lo_limit, up_limit)
         w = w / math.sqrt(2.0)
         top = top / math.sqrt(2.0)
+    if blocked:
+        v = v.T.reshape(*lead, -1)
     bg = torch.exp(torch.exp(v) - 1.0) - 1.0
     bg = torch.where(torch.isfinite(bg), bg, torch.zeros_like(bg))
     return bg[..., lo_limit:up_limit + 1]
