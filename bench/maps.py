@@ -1,0 +1,230 @@
+"""Benchmark: map fitting speed, mapstorch ``fit_map(method="nnls")`` vs PyMca5's ``FastXRFLinearFit``.
+
+One synthetic map (``mapstorch.synthetic.simulate_map``: the demo sample's 16 components at
+10 keV, default 256 x 256 pixels x 2048 channels, Poisson noise, known per-pixel truth) is written
+as an uncompressed HDF5 file (dataset ``/spectra``, float32, ``(rows, cols, channels)``) and
+fitted by both, each with 2 threads, with the same shape parameters (the simulation's), energy
+calibration, components, fit window and incident energy:
+
+* mapstorch: ``fit_map(ds, sim.params, method="nnls")`` (what ``mapstorch map --method nnls``
+  runs): per-pixel SNIP background (XRF-Maps' recipe, ``SNIP_WIDTH`` of the parameters), then
+  non-negative least squares of every pixel on the fixed design matrix. The Dataset reads the
+  HDF5 file lazily, a block of rows at a time, so the timing includes reading the spectra (from
+  the page cache). A one-row warm-up fit runs first, untimed.
+* PyMca5 (``bench/.venv-pymca``, script ``_pymca_fast.py``): ``FastXRFLinearFit.fitMultipleSpectra``
+  with SNIP background (``stripflag = 1``, ``stripalgorithm = 1``), which FastXRFLinearFit computes
+  and subtracts for every pixel, then an unweighted linear least-squares fit with PyMca's refit of
+  pixels with negative areas. Its SNIP width (a constant, in channels) is our XRF-Maps width
+  averaged over the fit window; the detector noise/Fano come from ``FWHM_OFFSET``/``FWHM_FANOPRIME``;
+  Gaussian peaks only (PyMca's tails are parameterised differently). PyMca loads the whole stack
+  into memory first, untimed, and is warmed up on one row.
+
+Wall-clock timings need an otherwise idle machine (the CPUs' idle fraction over 3 s before the
+run, and the CPU seconds other processes used during it, are reported, with a warning where they
+compete; process CPU seconds of both fits are reported too). Both timings cover the
+whole map fit: building the model (design matrix / derivatives), the
+background of every pixel, the solves. Ours is also scored: the median relative error of Fe and
+Ca counts per pixel against the truth (counts inside the fit window). PyMca's mean peak areas are
+reported next to the truth's mean counts, not scored: PyMca's area of a family counts all its lines,
+not only the counts inside the fit window, and its peak shapes differ.
+
+Usage::
+
+    .venv/bin/python bench/maps.py [--rows 256] [--cols 256] [--seed 0] [--threads 2]
+    .venv/bin/python bench/maps.py --rows 32 --cols 32     # a quick run
+
+The LAST line printed is JSON::
+
+    {"metric": "map_pixels_per_second", "ours": x, "baseline": y, "ratio": x/y, "ours_method": "nnls",
+     "pixels": n, "ours_seconds": ..., "baseline_seconds": ..., "ours_median_rel_error": {"Fe": ..., "Ca": ...}, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "2")
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _venv import BENCH, ensure_venv, run_json
+
+from mapstorch.io.dataset import Dataset
+from mapstorch.maps import fit_map
+from mapstorch.physics.elements import parse_component
+from mapstorch.physics.shapes import FANO_EPSILON_XRFMAPS
+from mapstorch.physics.snip import snip_widths
+from mapstorch.synthetic import simulate_map
+
+log = logging.getLogger("bench")
+
+PYMCA_EPSILON = 0.00385  # keV per electron-hole pair in PyMca's FWHM^2 = noise^2 + 2.3548^2 eps fano E
+
+
+def _cpu_idle(seconds: float = 3.0) -> float | None:
+    """Fraction of CPU time idle over ``seconds`` (Linux ``/proc/stat``), None where unknown."""
+    def sample() -> list[int]:
+        with open("/proc/stat") as fh:
+            return [int(v) for v in fh.readline().split()[1:9]]
+
+    try:
+        a = sample()
+        time.sleep(seconds)
+        b = sample()
+    except (OSError, ValueError):
+        return None
+    d = [y - x for x, y in zip(a, b)]
+    return d[3] / sum(d) if sum(d) > 0 else None
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes on this machine have used so far (``/proc/stat``), None where unknown."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:9]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _h5_dataset(path: Path, calibration: np.ndarray) -> Dataset:
+    """A Dataset that reads ``/spectra`` of ``path`` a block of rows at a time."""
+    f = h5py.File(path, "r")
+    d = f["spectra"]
+    rows, cols, chans = d.shape
+
+    def read_block(start: int, stop: int, dets) -> np.ndarray:
+        return d[start:stop][:, :, None, :]
+
+    return Dataset(path=str(path), format="hdf5-bench", rows=rows, cols=cols, detectors=1, channels=chans,
+                   calibration=calibration, read_block=read_block, close_fn=f.close)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--cols", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="for PyMca's run, seconds")
+    ap.add_argument("--no-baseline", action="store_true", help="time mapstorch only")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+
+    idle0 = _cpu_idle()
+    if idle0 is not None and idle0 < 0.9:
+        log.warning("the CPUs were only %.0f%% idle before the run: other processes compete for them, timings "
+                    "will be low", 100 * idle0)
+    busy0, own0 = _busy_seconds(), _own_seconds()
+    t0 = time.perf_counter()
+    sim = simulate_map(args.rows, args.cols, seed=args.seed)
+    ps, window, names = sim.params, sim.window, list(sim.lines.names)
+    truth = sim.truth_counts
+    off, slope, quad = (float(ps[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC"))
+    calibration = np.array([[off, slope, quad]])
+    rows, cols, chans = sim.counts.shape
+    pixels = rows * cols
+    log.info("simulated %d x %d x %d in %.1f s; components %s; window %d-%d", rows, cols, chans,
+             time.perf_counter() - t0, ",".join(names), window.first, window.last)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "map.h5"
+        with h5py.File(path, "w") as f:  # contiguous, uncompressed
+            f.create_dataset("spectra", data=sim.counts.astype(np.float32))
+        del sim  # the counts live in the file from here on
+        log.info("wrote %s (%.0f MB)", path, path.stat().st_size / 1e6)
+
+        # ---- mapstorch
+        ds = _h5_dataset(path, calibration)
+        try:
+            warm = Dataset(path="<warm-up>", format="npy", rows=1, cols=cols, detectors=1, channels=chans,
+                           calibration=calibration, spectra=ds.read(slice(0, 1)))
+            fit_map(warm, ps, method="nnls")  # untimed: first-call costs of torch kernels
+            ts, cs = time.perf_counter(), time.process_time()
+            r = fit_map(ds, ps, method="nnls")
+            ours_seconds, ours_cpu = time.perf_counter() - ts, time.process_time() - cs
+        finally:
+            ds.close_fn()
+        ours_pps = pixels / ours_seconds
+        rel = {}
+        for n in ("Fe", "Ca"):
+            err = (r.element(n) - truth[n]) / truth[n]
+            rel[n] = {"median_abs": float(np.median(np.abs(err))), "median": float(np.median(err))}
+        log.info("mapstorch nnls: %d pixels in %.2f s = %.0f pixels/s (fit loop %.0f pixels/s); status != 0: %d; "
+                 "Fe median |rel err| %.4f, Ca %.4f", pixels, ours_seconds, ours_pps, r.pixels_per_second,
+                 int((r.status != 0).sum()), rel["Fe"]["median_abs"], rel["Ca"]["median_abs"])
+        ours_mean = {n: float(r.counts[i].mean(dtype=np.float64)) for i, n in enumerate(r.names)}
+        truth_mean = {n: float(np.mean(v)) for n, v in truth.items()}
+
+        # ---- PyMca5
+        base = None
+        if not args.no_baseline:
+            python = ensure_venv("pymca", ["PyMca5", "h5py"])
+            widths = snip_widths(chans, off, slope, quad, float(ps["SNIP_WIDTH"]))[window.first:window.last + 1]
+            snip = max(1, round(float(widths.mean())))
+            noise = float(ps["FWHM_OFFSET"])
+            fano = FANO_EPSILON_XRFMAPS * float(ps["FWHM_FANOPRIME"]) / PYMCA_EPSILON
+            elements = [n for n in names if parse_component(n).partner is None]
+            cmd = ["--spectra", str(path), f"--calibration={off!r},{slope!r},{quad!r}",
+                   "--elements", ",".join(elements), "--incident-energy", repr(float(ps["COHERENT_SCT_ENERGY"])),
+                   "--snip-width", str(snip), f"--fit-window={window.first},{window.last}",
+                   "--noise", repr(noise), "--fano", repr(fano), "--threads", str(args.threads)]
+            log.info("pymca: %s %s", BENCH / "_pymca_fast.py", " ".join(cmd))
+            base = run_json(python, BENCH / "_pymca_fast.py", cmd, timeout=args.timeout, threads=args.threads)
+            log.info("pymca5 %s: %d pixels in %.2f s = %.0f pixels/s", base["version"], base["pixels"],
+                     base["seconds"], base["pixels_per_second"])
+
+    busy1, own1 = _busy_seconds(), _own_seconds()
+    others = None if busy0 is None or busy1 is None else max(busy1 - busy0 - (own1 - own0), 0.0)
+    if others is not None and others > 0.05 * (time.perf_counter() - t0):
+        log.warning("other processes used %.0f CPU seconds during this %.0f s run: timings are not clean", others,
+                    time.perf_counter() - t0)
+    result = {
+        "metric": "map_pixels_per_second",
+        "ours": round(ours_pps, 1),
+        "baseline": round(base["pixels_per_second"], 1) if base else None,
+        "ratio": round(ours_pps / base["pixels_per_second"], 2) if base else None,
+        "ours_method": "nnls",
+        "pixels": pixels,
+        "shape": [rows, cols, chans],
+        "window": [window.first, window.last],
+        "threads": args.threads,
+        "ours_seconds": round(ours_seconds, 3),
+        "ours_fit_loop_pixels_per_second": round(r.pixels_per_second, 1),
+        "ours_cpu_seconds": round(ours_cpu, 3),
+        "baseline_cpu_seconds": round(base["cpu_seconds"], 3) if base else None,
+        "cpu_idle_before": None if idle0 is None else round(idle0, 3),
+        "other_processes_cpu_seconds": None if others is None else round(others, 1),
+        "ours_nonconverged": int((r.status != 0).sum()),
+        "ours_median_rel_error": {n: round(v["median_abs"], 5) for n, v in rel.items()},
+        "ours_median_signed_rel_error": {n: round(v["median"], 5) for n, v in rel.items()},
+        "baseline_impl": f"PyMca5 {base['version']} FastXRFLinearFit" if base else None,
+        "baseline_seconds": round(base["seconds"], 3) if base else None,
+        "baseline_snip_width_channels": base["snip_width"] if base else None,
+        "truth_mean_counts": {n: round(v, 1) for n, v in truth_mean.items()},
+        "ours_mean_counts": {n: round(v, 1) for n, v in ours_mean.items()},
+        "baseline_mean_areas": {n: round(v, 1) for n, v in base["mean_counts"].items()} if base else None,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
