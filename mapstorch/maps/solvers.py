@@ -112,7 +112,12 @@ def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor) -> Tensor:
     diag = torch.diagonal(info, dim1=1, dim2=2).clamp(min=torch.finfo(design.dtype).tiny)
     s = 1.0 / torch.sqrt(diag)
     scaled = info * s[:, :, None] * s[:, None, :]
-    inv = torch.linalg.pinv(scaled, hermitian=True) * s[:, :, None] * s[:, None, :]
+    chol, bad = torch.linalg.cholesky_ex(scaled)
+    inv = torch.cholesky_inverse(chol)
+    failed = bad != 0
+    if bool(failed.any()):  # singular (collinear columns): pseudo-inverse for those pixels only
+        inv[failed] = torch.linalg.pinv(scaled[failed], hermitian=True)
+    inv = inv * s[:, :, None] * s[:, None, :]
     var = torch.diagonal(inv, dim1=1, dim2=2).clamp(min=0.0)
     return torch.where(active, torch.sqrt(var), torch.full_like(var, float("nan")))
 
