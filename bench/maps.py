@@ -28,6 +28,10 @@ Ca counts per pixel against the truth (counts inside the fit window). PyMca's me
 reported next to the truth's mean counts, not scored: PyMca's area of a family counts all its lines,
 not only the counts inside the fit window, and its peak shapes differ.
 
+Peak memory: a fresh process maps the same file with ``fit_map`` (reading a chunk of rows at a
+time) and reports its peak resident set size next to the file size and the chunk size
+(``ours_peak_rss_mb``, ``file_mb``, ``chunk_mb``): memory stays bounded by the chunk, not the file.
+
 Usage::
 
     .venv/bin/python bench/maps.py [--rows 256] [--cols 256] [--seed 0] [--threads 2]
@@ -103,6 +107,35 @@ def _own_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _peak_rss(path: Path, calibration: np.ndarray, ps, threads: int) -> tuple[float, float]:
+    """Peak resident memory (MB) of a fresh process that maps the file with ``fit_map`` (reading
+    it a chunk of rows at a time), and the size of one chunk of spectra (MB)."""
+    import subprocess
+
+    from mapstorch.io.override import new_override
+
+    ovr = path.with_name("params_override.txt")
+    new_override(ps).write(ovr)
+    code = (
+        "import sys, numpy as np, torch\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        f"torch.set_num_threads({threads})\n"
+        "from maps import _h5_dataset\n"
+        "from mapstorch.io.override import read_override\n"
+        "from mapstorch.maps import fit_map\n"
+        f"ds = _h5_dataset({str(path)!r}, np.array({calibration.tolist()!r}))\n"
+        f"fit_map(ds, read_override({str(ovr)!r}), method='nnls')\n"
+        # VmHWM (this process's own peak; ru_maxrss would keep the forking parent's peak across exec)
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rss_kb = float(out.stdout.strip().splitlines()[-1])
+    with h5py.File(path, "r") as f:
+        rows, cols, chans = f["spectra"].shape
+    chunk_rows = max(1, 4096 // cols)
+    return rss_kb / 1024.0, chunk_rows * cols * chans * 4 / 1e6
+
+
 def _h5_dataset(path: Path, calibration: np.ndarray) -> Dataset:
     """A Dataset that reads ``/spectra`` of ``path`` a block of rows at a time."""
     f = h5py.File(path, "r")
@@ -171,6 +204,10 @@ def main() -> None:
                  "Fe median |rel err| %.4f, Ca %.4f", pixels, ours_seconds, ours_pps, r.pixels_per_second,
                  int((r.status != 0).sum()), rel["Fe"]["median_abs"], rel["Ca"]["median_abs"])
         ours_mean = {n: float(r.counts[i].mean(dtype=np.float64)) for i, n in enumerate(r.names)}
+        peak_rss_mb, chunk_mb = _peak_rss(path, calibration, ps, args.threads)
+        file_mb = path.stat().st_size / 1e6
+        log.info("mapstorch nnls in a fresh process: peak RSS %.0f MB for a %.0f MB file (chunk of spectra %.0f MB)",
+                 peak_rss_mb, path.stat().st_size / 1e6, chunk_mb)
         truth_mean = {n: float(np.mean(v)) for n, v in truth.items()}
 
         # ---- PyMca5
@@ -202,6 +239,9 @@ def main() -> None:
         "baseline": round(base["pixels_per_second"], 1) if base else None,
         "ratio": round(ours_pps / base["pixels_per_second"], 2) if base else None,
         "ours_method": "nnls",
+        "ours_peak_rss_mb": round(peak_rss_mb),
+        "file_mb": round(file_mb),
+        "chunk_mb": round(chunk_mb, 1),
         "pixels": pixels,
         "shape": [rows, cols, chans],
         "window": [window.first, window.last],
