@@ -29,7 +29,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # for _upstream_names
 
 import numpy as np
 import torch
-from _upstream_names import upstream_name
+from _upstream_names import fit_window, map_components
 from mapstorch.default import (
     default_elem_info,
     default_energy_consts,
@@ -64,40 +64,10 @@ init = {**{k: float(v) for k, v in default_param_vals.items()}, **start}
 
 # Pile-ups beyond upstream's default three are built with its own define_constants.
 ours = list(dict.fromkeys(e.strip() for e in args.elements.split(",") if e.strip()))
-e_consts = default_energy_consts
-extra_pileups = [
-    e
-    for e in ours
-    if "_" in e and e.split("_")[1].upper() not in ("K", "L", "M") and not any(n in e_consts for n in upstream_name(e))
-]
-if extra_pileups:
-    from mapstorch.constant import define_constants
+e_consts, mapping, dropped = map_components(ours, default_energy_consts, default_elem_info, default_pileups, warn,
+                                           skip=tuple(SCATTER))
 
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            e_consts = define_constants(default_elem_info, list(default_pileups) + extra_pileups)
-    except Exception as exc:  # noqa: BLE001 -- keep upstream's defaults; the pile-ups are dropped below
-        warn(f"cannot build pile-ups {extra_pileups}: {exc}")
-
-mapping, dropped = {}, []
-for e in ours:
-    if e in SCATTER:  # the scatter peaks are always fitted
-        continue
-    known = [n for n in upstream_name(e) if n in e_consts]
-    if known and known[0] not in mapping.values():
-        mapping[e] = known[0]
-    else:
-        dropped.append(e)
-        warn(f"upstream mapstorch has no component {e!r}; dropped")
-
-n_ch = spectrum.shape[0]
-off, slope = init["ENERGY_OFFSET"], init["ENERGY_SLOPE"]
-first = int(np.clip(round((init["MIN_ENERGY_TO_FIT"] - off) / slope), 0, n_ch - 1))
-last = int(np.clip(round((init["MAX_ENERGY_TO_FIT"] - off) / slope), 0, n_ch - 1))
-if last <= first:
-    warn(f"empty fit window ({first}, {last}); using the whole spectrum")
-    first, last = 0, n_ch - 1
-energy_range = (first, last)
+first, last = energy_range = fit_window(spectrum, init, warn)
 elements = list(mapping.values())
 
 
