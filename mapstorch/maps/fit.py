@@ -382,7 +382,7 @@ def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, bat
         p = sl.stop - sl.start
         th = theta0.expand(p, -1).clone()
         with torch.no_grad():
-            th, a, err, iters, ok = solvers.nonlinear(model.design_matrix, th, free, nl["lower"], nl["upper"],
+            th, a, err, iters, ok = solvers.nonlinear(model.design_matrix, model, th, free, nl["lower"], nl["upper"],
                                                       yw[sl], bg[sl], a0[sl], nl["steps"], max_iter=max_iter or 30)
             d = model.design_matrix(th)
             unit = d.sum(1)  # [p, K]: counts per unit amplitude at each pixel's shape
