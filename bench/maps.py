@@ -1,4 +1,4 @@
-"""Benchmark: map fitting speed, mapstorch ``fit_map(method="nnls")`` vs PyMca5's ``FastXRFLinearFit``.
+"""Benchmark: map fitting speed, mapstorch ``fit_map(method="nnls")`` vs PyMca5's ``FastXRFLinearFit`` (and nonlinear vs ``McaAdvancedFitBatch``).
 
 One synthetic map (``mapstorch.synthetic.simulate_map``: the demo sample's 16 components at
 10 keV, default 256 x 256 pixels x 2048 channels, Poisson noise, known per-pixel truth) is written
@@ -28,19 +28,42 @@ Ca counts per pixel against the truth (counts inside the fit window). PyMca's me
 reported next to the truth's mean counts, not scored: PyMca's area of a family counts all its lines,
 not only the counts inside the fit window, and its peak shapes differ.
 
+Nonlinear fits (parameter maps), on the first two rows of the same map (``2 * cols`` pixels, 512
+by default), each with 2 threads:
+
+* mapstorch: ``fit_map(sub, sim.params, method="nonlinear")``: per pixel, a bounded
+  Levenberg-Marquardt on the Poisson deviance of the amplitudes together with the shape
+  parameters ``DEFAULT_PARAMETER_MAPS`` (``ENERGY_OFFSET``, ``ENERGY_SLOPE``, ``FWHM_OFFSET``),
+  batched over pixels; the timing is the whole ``fit_map`` call (model, SNIP background, NNLS
+  start, the refit) on the two rows, already in memory (``ours_nonlinear_pixels_per_second``).
+* PyMca5 (script ``_pymca_batch.py``): ``McaAdvancedFitBatch``, PyMca's batch fitter of maps,
+  i.e. per pixel ``McaTheory.setData`` (the SNIP background of that spectrum), ``estimate()`` and
+  ``startfit()`` (``Gefit.LeastSquaresFit``, Levenberg-Marquardt), with the configuration of
+  ``_pymca_fast.py`` (same peaks, calibration start, SNIP width, incident energy, fit window,
+  Gaussian peaks) but ``linearfitflag = 0`` and the detector's ``zero``, ``gain``, ``noise`` and
+  ``fano`` free (``fixedzero = fixedgain = fixednoise = fixedfano = 0``; ``--pymca-free`` to
+  change), within PyMca's default ranges around the start, statistical weighting (``fitweight =
+  1``), PyMca's default ``maxiter = 10``. Only its fitting loop (``processList``) is timed, after
+  an untimed warm-up fit of one spectrum. ``--nonlinear-pixels N`` fits only the first N pixels
+  (for a slow machine); ``baseline_nonlinear_pixels`` says how many were fitted, and
+  ``nonlinear_ratio`` = ours / PyMca in pixels per second. The median fitted detector parameters,
+  iterations, fits at ``maxiter`` and failed fits of PyMca are reported (``baseline_nonlinear_*``).
+
 Peak memory: a fresh process maps the same file with ``fit_map`` (reading a chunk of rows at a
 time) and reports its peak resident set size next to the file size and the chunk size
 (``ours_peak_rss_mb``, ``file_mb``, ``chunk_mb``): memory stays bounded by the chunk, not the file.
 
 Usage::
 
-    .venv/bin/python bench/maps.py [--rows 256] [--cols 256] [--seed 0] [--threads 2]
+    .venv/bin/python bench/maps.py [--rows 256] [--cols 256] [--seed 0] [--threads 2] [--nonlinear-pixels N]
     .venv/bin/python bench/maps.py --rows 32 --cols 32     # a quick run
 
 The LAST line printed is JSON::
 
     {"metric": "map_pixels_per_second", "ours": x, "baseline": y, "ratio": x/y, "ours_method": "nnls",
-     "pixels": n, "ours_seconds": ..., "baseline_seconds": ..., "ours_median_rel_error": {"Fe": ..., "Ca": ...}, ...}
+     "pixels": n, "ours_seconds": ..., "baseline_seconds": ..., "ours_median_rel_error": {"Fe": ..., "Ca": ...},
+     "ours_nonlinear_pixels_per_second": u, "baseline_nonlinear_pixels_per_second": v, "nonlinear_ratio": u/v,
+     "baseline_nonlinear_pixels": m, ...}
 """
 
 from __future__ import annotations
@@ -157,6 +180,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600.0, help="for PyMca's run, seconds")
     ap.add_argument("--no-baseline", action="store_true", help="time mapstorch only")
+    ap.add_argument("--nonlinear-pixels", type=int, default=None,
+                    help="PyMca's nonlinear fit: only the first N pixels of the first two rows (default: all)")
+    ap.add_argument("--pymca-free", default="zero,gain,noise,fano",
+                    help="detector parameters PyMca's nonlinear fit frees (of zero,gain,noise,fano)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -223,7 +250,7 @@ def main() -> None:
         truth_mean = {n: float(np.mean(v)) for n, v in truth.items()}
 
         # ---- PyMca5
-        base = None
+        base = base_nl = None
         if not args.no_baseline:
             python = ensure_venv("pymca", ["PyMca5", "h5py"])
             widths = snip_widths(chans, off, slope, quad, float(ps["SNIP_WIDTH"]))[window.first:window.last + 1]
@@ -239,6 +266,16 @@ def main() -> None:
             base = run_json(python, BENCH / "_pymca_fast.py", cmd, timeout=args.timeout, threads=args.threads)
             log.info("pymca5 %s: %d pixels in %.2f s = %.0f pixels/s", base["version"], base["pixels"],
                      base["seconds"], base["pixels_per_second"])
+            # the nonlinear baseline: PyMca's per-pixel fit (McaAdvancedFitBatch) of the first two rows
+            nl_pixels = 2 * cols if args.nonlinear_pixels is None else min(args.nonlinear_pixels, 2 * cols)
+            cmd_nl = cmd[:-2] + [  # cmd without its trailing "--threads N"
+                "--rows", "2", "--pixels", str(nl_pixels), "--free", args.pymca_free, "--threads", str(args.threads)]
+            log.info("pymca nonlinear: %s %s", BENCH / "_pymca_batch.py", " ".join(cmd_nl))
+            base_nl = run_json(python, BENCH / "_pymca_batch.py", cmd_nl, timeout=args.timeout, threads=args.threads)
+            log.info("pymca5 %s McaAdvancedFitBatch (free %s): %d pixels in %.2f s = %.1f pixels/s; median "
+                     "iterations %s, at maxiter %s, failed %d", base_nl["version"], ",".join(base_nl["free"]),
+                     base_nl["pixels"], base_nl["seconds"], base_nl["pixels_per_second"],
+                     base_nl["iterations_median"], base_nl["at_maxiter"], base_nl["failed"])
 
     busy1, own1 = _busy_seconds(), _own_seconds()
     others = None if busy0 is None or busy1 is None else max(busy1 - busy0 - (own1 - own0), 0.0)
@@ -253,6 +290,20 @@ def main() -> None:
         "ours_method": "nnls",
         "ours_peak_rss_mb": round(peak_rss_mb),
         "ours_nonlinear_pixels_per_second": round(nonlinear_pps, 1),
+        "ours_nonlinear_pixels": 2 * cols,
+        "ours_nonlinear_free": list(rn.parameter_names),
+        "baseline_nonlinear_pixels_per_second": round(base_nl["pixels_per_second"], 2) if base_nl else None,
+        "nonlinear_ratio": round(nonlinear_pps / base_nl["pixels_per_second"], 2) if base_nl else None,
+        "baseline_nonlinear_pixels": base_nl["pixels"] if base_nl else None,
+        "baseline_nonlinear_impl": f"PyMca5 {base_nl['version']} McaAdvancedFitBatch" if base_nl else None,
+        "baseline_nonlinear_free": base_nl["free"] if base_nl else None,
+        "baseline_nonlinear_seconds": round(base_nl["seconds"], 3) if base_nl else None,
+        "baseline_nonlinear_cpu_seconds": round(base_nl["cpu_seconds"], 3) if base_nl else None,
+        "baseline_nonlinear_iterations_median": base_nl["iterations_median"] if base_nl else None,
+        "baseline_nonlinear_at_maxiter": base_nl["at_maxiter"] if base_nl else None,
+        "baseline_nonlinear_failed": base_nl["failed"] if base_nl else None,
+        "baseline_nonlinear_fitted_median": ({k: round(v, 6) for k, v in base_nl["fitted_median"].items()}
+                                             if base_nl else None),
         "file_mb": round(file_mb),
         "chunk_mb": round(chunk_mb, 1),
         "pixels": pixels,
