@@ -172,8 +172,10 @@ def nonlinear(
 
     dev, m = deviance(theta, a)
     h = None
+    d = None
     for it in range(max_iter):
-        d = design_fn(theta)  # [P, C, K]
+        if it % 4 == 0:  # the amplitude columns change slowly with the shape: refresh them now and then
+            d = design_fn(theta)  # [P, C, K]
         cols = []
         base = m - background
         for j in range(n):  # forward differences from the current model
@@ -207,7 +209,17 @@ def nonlinear(
         done = done | ~improved  # nothing lowers the deviance any more: converged (or stuck)
         if bool(done.all()):
             break
-    # standard errors at the solution (parameters at a bound and zero amplitudes excluded)
+    # standard errors at the solution (parameters at a bound and zero amplitudes excluded), from
+    # a fresh Jacobian
+    d = design_fn(theta)
+    base = m - background
+    cols = []
+    for j in range(n):
+        up = theta.clone()
+        up[:, free[j]] += steps[j]
+        cols.append((model_fn(up, a) - base) / steps[j])
+    jac = torch.cat([torch.stack(cols, -1), d], -1) if n else d
+    h = torch.einsum("pcj,pc,pck->pjk", jac, counts / (m * m), jac)
     active = torch.cat([(theta[:, free] > lower) & (theta[:, free] < upper), a > 0], 1)
     mask = active[:, :, None] & active[:, None, :]
     eye = torch.eye(n + k, dtype=dtype, device=device)
