@@ -427,6 +427,19 @@ def test_gse_mca_spectra_fit(name, tmp_path):
     assert all(math.isfinite(v["counts"]) and v["counts"] >= 0 for v in r["elements"].values())
 
 
+def test_detector_calibrations_that_disagree_are_noted(capsys):
+    from conftest import require_shared
+
+    from mapstorch.cli.main import main
+    from mapstorch.io.dataset import calibration_spread
+
+    assert calibration_spread([[0.0, 0.01, 0.0]], 2048) == 0.0
+    assert calibration_spread([[0.0, 0.01, 0.0], [0.005, 0.01, 0.0]], 2048) == pytest.approx(0.5)
+    path = require_shared("gse-mca") / "srm1832.mca"  # four elements, offsets 8-11 eV apart, slopes 0.2 % apart
+    assert main(["fit", str(path), "--elements", "Ar,Ca,V,Mn,Co,Cu", "--no-progress"]) == 0
+    assert "calibrations differ by up to" in capsys.readouterr().out
+
+
 def test_cli_choices_match_the_library():
     from mapstorch.cli.fit import OBJECTIVE_CHOICES, OPTIMIZER_CHOICES
     from mapstorch.fit.objectives import OBJECTIVES

@@ -20,7 +20,7 @@ import numpy as np
 
 from mapstorch.errors import InputError
 
-__all__ = ["Dataset", "SCALER_ROLES", "DataFileError", "check_counts"]
+__all__ = ["Dataset", "SCALER_ROLES", "DataFileError", "check_counts", "calibration_spread"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ def check_counts(block: np.ndarray, path: str, first_row: int = 0) -> np.ndarray
     where = (idx[0] + first_row,) + idx[1:]
     raise DataFileError(f"{path}: count {block[idx]} at (row, col, detector, channel) {where}; "
                         "counts must be finite and >= 0")
+
+
+def calibration_spread(calibration, channels: int) -> float:
+    """The largest disagreement, in channels of detector 0, between the detector elements'
+    energy calibrations ``[detectors, 3]`` over the spectrum."""
+    cal = np.asarray(calibration, dtype=np.float64)
+    c = np.arange(channels, dtype=np.float64)
+    energies = cal[:, :1] + cal[:, 1:2] * c + cal[:, 2:3] * c * c
+    return float(np.abs(energies - energies[:1]).max() / cal[0, 1]) if len(cal) > 1 and cal[0, 1] > 0 else 0.0
 
 
 ReadBlock = Callable[[int, int, Sequence[int]], np.ndarray]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mapstorch.errors import InputError
-from mapstorch.io.dataset import Dataset
+from mapstorch.io.dataset import Dataset, calibration_spread
 from mapstorch.maps import solvers
 from mapstorch.physics.model import SpectrumModel, fit_window
 from mapstorch.physics.snip import snip_window
@@ -254,6 +254,10 @@ def fit_map(
     else:
         cps = counts.copy()
     notes = []
+    if detector == "sum" and calibration_spread(dataset.calibration, dataset.channels) > 0.5:
+        notes.append(f"the detector elements' calibrations differ by up to "
+                     f"{calibration_spread(dataset.calibration, dataset.channels):.1f} channels; the sum is fitted "
+                     "with detector 0's (--detector each maps every element with its own)")
     if live is None:
         notes.append("the file records no live time: Counts_Per_Sec holds counts")
     if reused:
