@@ -446,3 +446,22 @@ def test_cli_choices_match_the_library():
     from mapstorch.fit.spectrum import OPTIMIZERS
 
     assert OPTIMIZER_CHOICES == OPTIMIZERS and OBJECTIVE_CHOICES == OBJECTIVES
+
+
+def test_aligned_sum_keeps_counts_and_peak_positions():
+    from mapstorch.io.dataset import aligned_sum
+
+    c = np.arange(1024, dtype=np.float64)
+    cal = np.array([[0.0, 0.01, 0.0], [0.03, 0.01, 0.0]])  # detector 1 reads 3 channels higher in energy
+    peak = lambda e: 1000.0 * np.exp(-0.5 * ((e - 6.4) / 0.06) ** 2)  # noqa: E731
+    spectra = np.stack([peak(cal[k, 0] + cal[k, 1] * c) for k in range(2)])
+    total = aligned_sum(spectra, cal)
+    assert total.sum() == pytest.approx(spectra.sum(), rel=1e-6)
+    assert np.argmax(total) == np.argmax(spectra[0])  # on detector 0's scale
+    raw = spectra.sum(0)
+    def width(y):
+        mean = (c * y).sum() / y.sum()
+        return math.sqrt(((c - mean) ** 2 * y).sum() / y.sum())
+
+    assert width(total) == pytest.approx(width(spectra[0]), rel=1e-6)
+    assert width(raw) > width(total) * 1.02  # the raw sum is broadened by the 3-channel shift

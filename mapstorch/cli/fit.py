@@ -89,12 +89,13 @@ def load_spectrum(args: argparse.Namespace) -> Loaded:
         else:
             spectrum, cal = ds.integrated("sum"), ds.calibration[0]
             what = "sum of detectors" if ds.detectors > 1 else ds.detector_names[0] if ds.detector_names else "spectrum"
-            from mapstorch.io.dataset import calibration_spread
+            from mapstorch.io.dataset import aligned_sum, calibration_spread
 
             spread = calibration_spread(ds.calibration, ds.channels)
-            if spread > 0.5:
-                head.append(f"note        the detector elements' calibrations differ by up to {spread:.1f} channels; "
-                            "the sum is fitted with detector 0's (which broadens its peaks): --detector N fits one")
+            if spread > 0.5:  # sum on detector 0's energy scale, or the peaks broaden
+                spectrum = aligned_sum(ds.integrated(None), ds.calibration)
+                head.append(f"note        the detector elements' calibrations differ by up to {spread:.1f} channels: "
+                            "their spectra are summed on detector 0's energy scale")
         incident, e0_note = args.incident_energy, None
         if incident is None and ds.incident_energy and not (override and "COHERENT_SCT_ENERGY" in override.parameters):
             from mapstorch.fit.guess import check_incident_energy

@@ -20,7 +20,7 @@ import numpy as np
 
 from mapstorch.errors import InputError
 
-__all__ = ["Dataset", "SCALER_ROLES", "DataFileError", "check_counts", "calibration_spread"]
+__all__ = ["Dataset", "SCALER_ROLES", "DataFileError", "check_counts", "calibration_spread", "aligned_sum"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,31 @@ def calibration_spread(calibration, channels: int) -> float:
     c = np.arange(channels, dtype=np.float64)
     energies = cal[:, :1] + cal[:, 1:2] * c + cal[:, 2:3] * c * c
     return float(np.abs(energies - energies[:1]).max() / cal[0, 1]) if len(cal) > 1 and cal[0, 1] > 0 else 0.0
+
+
+def aligned_sum(spectra: np.ndarray, calibration) -> np.ndarray:
+    """Sum per-detector spectra ``[detectors, C]`` on detector 0's energy scale: each detector's
+    counts are redistributed onto detector 0's channels by the overlap of the channels' energy
+    intervals (cumulative counts interpolated at detector 0's channel edges), so the total is
+    kept and peaks do not broaden when the elements' calibrations differ."""
+    spectra = np.asarray(spectra, dtype=np.float64)
+    cal = np.asarray(calibration, dtype=np.float64)
+    n = spectra.shape[-1]
+    edges = np.arange(n + 1, dtype=np.float64) - 0.5
+
+    def energy(c: np.ndarray, k: int) -> np.ndarray:
+        return cal[k, 0] + cal[k, 1] * c + cal[k, 2] * c * c
+
+    target = energy(edges, 0)
+    total = spectra[0].copy()
+    for k in range(1, spectra.shape[0]):
+        e_k = energy(edges, k)
+        if not np.all(np.diff(e_k) > 0):
+            raise InputError(f"detector {k}'s energy calibration {cal[k].tolist()} is not increasing over the channels")
+        cum = np.concatenate([[0.0], np.cumsum(spectra[k])])
+        moved = np.interp(target, e_k, cum, left=0.0, right=cum[-1])
+        total += np.diff(moved)
+    return total
 
 
 ReadBlock = Callable[[int, int, Sequence[int]], np.ndarray]
