@@ -113,7 +113,9 @@ def test_bad_input_is_a_clear_error():
     sim = simulate_spectrum(seed=0)
     with pytest.raises(InputError, match="significance"):
         guess_elements(sim.counts, params=_start(sim), significance=0.0)
-    with pytest.raises(Exception, match="Xx|unknown"):
+    from mapstorch.errors import ElementError
+
+    with pytest.raises(ElementError, match="Xx"):
         guess_elements(sim.counts, params=_start(sim), candidates="Fe,Xx")
     with pytest.raises(InputError, match="incident energy or an energy calibration"):
         guess_elements(sim.counts)

@@ -202,7 +202,6 @@ def test_killed_run_leaves_no_output_and_resumes(tmp_path):
     done_before = sorted(p.name for p in work.glob("chunk_*.npz"))
     assert 3 <= len(done_before) < 24, done_before
     assert not out.exists()
-    stamps = {p.name: p.stat().st_mtime_ns for p in work.glob("chunk_*.npz")}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"{len(done_before)} chunk(s) reused" in res.stdout
@@ -217,7 +216,6 @@ def test_killed_run_leaves_no_output_and_resumes(tmp_path):
     with h5py.File(out) as a, h5py.File(full) as b:
         np.testing.assert_array_equal(a["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"][()],
                                       b["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"][()])
-    assert stamps  # the chunks existed before the rerun (their reuse is what the count above says)
 
 
 def test_map_2ide_nnls_per_detector(tmp_path):

@@ -40,14 +40,11 @@ def add_guess_parser(sub, data_options) -> None:
 
 
 def run_guess(args: argparse.Namespace) -> int:
-    from mapstorch.cli.fit import load_spectrum
+    from mapstorch.cli.fit import _check_outputs, load_spectrum
     from mapstorch.identify import guess_elements
-    from mapstorch.io.atomic import check_target
     from mapstorch.io.override import new_override
 
-    for opt in ("out_override", "plot", "json"):
-        if getattr(args, opt):
-            check_target(Path(getattr(args, opt)), f"--{opt.replace('_', '-')}")
+    _check_outputs(args)  # the same three outputs as `mapstorch fit`: fail before any work
     data = load_spectrum(args)
     show = sys.stderr.isatty() and not args.no_progress
     result = guess_elements(data.spectrum, data.incident_energy, args.candidates, params=data.override,

@@ -152,6 +152,15 @@ def calibrate_by_lines(
     return (off, sl, pairs) if len(pairs) >= need else None
 
 
+def _elastic_from_edge(smooth: np.ndarray, top: int, offset: float, slope: float, quadratic: float,
+                       fwhm: tuple[float, float]) -> tuple[float, float]:
+    """``(elastic energy, detector sigma)`` from the high-energy edge of the peak at channel
+    ``top`` of the smoothed spectrum (it may merge with the Compton peak on its left)."""
+    e_edge = float(_energy(_right_edge(smooth, top), offset, slope, quadratic))
+    sigma = math.sqrt((fwhm[0] / 2.3548) ** 2 + 3.58 * e_edge * fwhm[1])
+    return e_edge - 2.15 * sigma, sigma  # the 10 % point of a Gaussian lies 2.15 sigma from its centre
+
+
 def _right_edge(y: np.ndarray, top: int, level: float = 0.1) -> float:
     """First channel right of ``top`` where the (smoothed) spectrum falls below ``level`` x its value at top."""
     after = np.nonzero(y[top:] < level * y[top])[0]
@@ -219,9 +228,7 @@ def guess_start(
         guess.notes.append("no elastic peak found: keeping the given incident energy and calibration")
         return guess
     top = int(round(candidates.max()))
-    e_edge = float(_energy(_right_edge(smooth, top), off, sl, quadratic))
-    sigma = math.sqrt((fwhm[0] / 2.3548) ** 2 + 3.58 * e_edge * fwhm[1])
-    e_el = e_edge - 2.15 * sigma  # the 10 % point of a Gaussian lies 2.15 sigma from its centre
+    e_el, sigma = _elastic_from_edge(smooth, top, off, sl, quadratic, fwhm)
     c_el = float(_channel(e_el, off, sl, quadratic))
     guess.elastic_channel = c_el
     if incident_energy is None:
@@ -266,9 +273,7 @@ def elastic_energy(counts: np.ndarray, offset: float, slope: float, quadratic: f
         return None
     strong = prom >= 0.02 * prom.max()
     top = int(round(pos[strong].max()))
-    e_edge = float(_energy(_right_edge(gaussian_filter1d(y, 1.5), top), offset, slope, quadratic))
-    sigma = math.sqrt((fwhm[0] / 2.3548) ** 2 + 3.58 * e_edge * fwhm[1])
-    e_el = e_edge - 2.15 * sigma
+    e_el, sigma = _elastic_from_edge(gaussian_filter1d(y, 1.5), top, offset, slope, quadratic, fwhm)
     e_min = compton_energy_kev(e_el, 180.0)
     energies = _energy(pos, offset, slope, quadratic)
     comp = strong & (energies >= e_min - 0.3 * (e_el - e_min)) & (energies < e_el - sigma)

@@ -211,6 +211,7 @@ def fit_map(
     status = np.zeros((rows, cols), np.int8)
     reused = 0
     fitted_pixels = 0
+
     def place(start: int, stop: int, part: Mapping[str, np.ndarray]) -> None:
         counts[:, start:stop] = part["counts"]
         stderr[:, start:stop] = part["stderr"]
@@ -254,9 +255,9 @@ def fit_map(
     else:
         cps = counts.copy()
     notes = []
-    if detector == "sum" and calibration_spread(dataset.calibration, dataset.channels) > 0.5:
-        notes.append(f"the detector elements' calibrations differ by up to "
-                     f"{calibration_spread(dataset.calibration, dataset.channels):.1f} channels; the sum is fitted "
+    spread = calibration_spread(dataset.calibration, dataset.channels) if detector == "sum" else 0.0
+    if spread > 0.5:
+        notes.append(f"the detector elements' calibrations differ by up to {spread:.1f} channels; the sum is fitted "
                      "with detector 0's (--detector each maps every element with its own)")
     if live is None:
         notes.append("the file records no live time: Counts_Per_Sec holds counts")
@@ -359,7 +360,6 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
             full, it2, ok = solvers.poisson(aug, yw, torch.zeros_like(yw), start, max_iter=max_iter or 500)
             a, bg = full[:, :-1], full[:, -1:] * shape[None, :]
             it = it + it2
-        extra = {}
         if method == "nonlinear" and nl is not None:
             return _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
         m = a @ design.T + bg
@@ -370,8 +370,7 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
         code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
         counts = torch.where(finite[:, None], a * per_unit, torch.zeros_like(a))
     return {"counts": counts.T.float().cpu().numpy(), "stderr": se.T.float().cpu().numpy(),
-            "rchi2": chi.float().cpu().numpy(), "iterations": it.int().cpu().numpy(), "status": code.cpu().numpy(),
-            **extra}
+            "rchi2": chi.float().cpu().numpy(), "iterations": it.int().cpu().numpy(), "status": code.cpu().numpy()}
 
 
 def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, batch: int = 256) -> dict[str, np.ndarray]:
