@@ -141,6 +141,18 @@ def test_chunks_and_dtypes_agree():
     np.testing.assert_allclose(a.counts, b.counts, rtol=2e-3, atol=0.5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_maps_match_cpu():
+    sm = simulate_map(12, 12, seed=4)
+    ds = _dataset(sm)
+    for method in ("nnls", "poisson", "nonlinear"):
+        cpu = fit_map(ds, sm.params, method=method)
+        gpu = fit_map(ds, sm.params, method=method, device="cuda")
+        for name in ("Fe", "Ca"):
+            np.testing.assert_allclose(gpu.element(name), cpu.element(name), rtol=2e-3, atol=0.5, err_msg=method)
+        assert (gpu.status == 0).all(), method
+
+
 def test_bad_input_is_a_clear_error():
     from mapstorch.errors import InputError
 

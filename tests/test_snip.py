@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from mapstorch.errors import InputError
-from mapstorch.physics.snip import snip_background, snip_widths
+from mapstorch.physics.snip import snip_background, snip_widths, snip_window
 
 
 def snip_literal(spec, off, slope, quad, width, xmin, xmax):
@@ -130,3 +133,40 @@ def test_snip_window_equals_the_window_of_the_full_background():
         full = snip_background(y, -0.01, 0.0125, 1e-7, 0.7, window)[:, window[0]:window[1] + 1]
         part = snip_window(y, -0.01, 0.0125, 1e-7, 0.7, window)
         torch.testing.assert_close(part, full, rtol=1e-12, atol=1e-10)
+
+
+_KERNEL_CHECK = """
+import torch
+from mapstorch.physics.snip import snip_window
+gen = torch.Generator().manual_seed(5)
+peaks = 400 * torch.exp(-0.5 * ((torch.arange(160.0) - 80) / 3) ** 2)
+for dtype in (torch.float32, torch.float64):
+    y = torch.poisson((torch.rand(9, 160, generator=gen) * 30 + peaks + 2).to(dtype), generator=gen)
+    ref = snip_window(y, -0.01, 0.0125, 1e-7, 0.7, (12, 150), engine="blocked")
+    got = snip_window(y, -0.01, 0.0125, 1e-7, 0.7, (12, 150), engine="kernel")
+    tol = 1e-6 if dtype == torch.float32 else 1e-12  # the same operations; log/exp may differ in the last bit
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+def test_gpu_kernel_gives_the_sequential_sweeps_numbers():
+    """The Triton kernel of the GPU path (run by Triton's interpreter on the CPU) reproduces the
+    CPU's blocked sequential sweep (a wrong order of the in-place updates would be off by far
+    more than rounding)."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed here (the dev extra installs it on "
+                                 "x86-64 Linux)")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run the kernel; 3.9 or newer can")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_snip_engines_agree():
+    y = torch.poisson(torch.rand(5, 300, dtype=torch.float64) * 50 + 5)
+    ref = snip_window(y, -0.01, 0.0125, 1e-7, 0.7, (20, 280), engine="blocked")
+    ptr = snip_window(y, -0.01, 0.0125, 1e-7, 0.7, (20, 280), engine="pointer")
+    torch.testing.assert_close(ptr, ref, rtol=1e-12, atol=1e-10)
+    with pytest.raises(InputError, match="engine"):
+        snip_window(y, -0.01, 0.0125, 1e-7, 0.7, (20, 280), engine="fast")

@@ -138,7 +138,8 @@ def fit_map(
     params : an override file, a ParameterSet (e.g. a spectrum fit's ``result.params``) or
         ``{MAPS name: value}``; elements : components (default: the override file's).
     detector : ``"sum"`` (all detector elements added) or a detector index.
-    chunk_rows : rows per chunk (default: about 4096 pixels; 512 for ``nonlinear``).
+    chunk_rows : rows per chunk (default: about 4096 pixels, 512 for ``nonlinear``; on a GPU
+        about 262144 and 16384, enough to keep it busy).
     parameter_maps : shape parameters the ``nonlinear`` method refits per pixel (default
         :data:`DEFAULT_PARAMETER_MAPS`: energy offset and slope, detector width).
     dask : a ``distributed.Client`` (or a scheduler address) to fit the chunks on: each task
@@ -189,7 +190,8 @@ def fit_map(
         nl = {"model": model, "theta": theta, "free": torch.tensor(idx, device=device), "lower": lo, "upper": hi,
               "steps": 1e-3 * span}
     if chunk_rows is None:
-        chunk_rows = max(1, (512 if method == "nonlinear" else 4096) // max(cols, 1))
+        per_chunk = (512 if method == "nonlinear" else 4096) * (32 if device.type == "cuda" else 1)
+        chunk_rows = max(1, per_chunk // max(cols, 1))
     if chunk_rows < 1:
         raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
     live = None
@@ -237,7 +239,7 @@ def fit_map(
                dets, cols, dataset.channels, device, dtype)
     ts = time.perf_counter()
     if dask is None:
-        results = ((start, stop, job.run(dataset.read(slice(start, stop), dets), stop - start)) for start, stop in todo)
+        results = _local(job, dataset, dets, todo)
     else:
         results = _distributed(dask, job, dataset, todo)
     for start, stop, part in results:
@@ -293,12 +295,30 @@ class _Job:
         """Fit one block of spectra ``[rows, cols, detectors, C]``; arrays shaped by rows and cols."""
         from mapstorch.physics.model import FitWindow
 
-        y = torch.as_tensor(np.ascontiguousarray(block.sum(2)), device=self.device).to(self.dtype)
-        y = y.reshape(-1, self.channels)
+        block = block[:, :, 0] if block.shape[2] == 1 else block.sum(2)  # one detector: no copy
+        y = torch.from_numpy(np.ascontiguousarray(block).reshape(-1, self.channels)).to(self.device)
+        y = y.to(self.dtype)
         part = _fit_chunk(y, self.design, self.per_unit, self.cal, FitWindow(*self.window), self.method,
                           self.max_iter, self.nl)
         return {k: v.reshape((v.shape[0], n_rows, self.cols) if v.ndim == 2 else (n_rows, self.cols))
                 for k, v in part.items()}
+
+
+def _local(job: _Job, dataset: Dataset, dets: list[int], todo: Sequence[tuple[int, int]]):
+    """Fit the chunks ``todo`` here, reading the next chunk (a thread) while one is fitted;
+    yield ``(start, stop, part)``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not todo:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapstorch-read") as pool:
+        pending = pool.submit(dataset.read, slice(*todo[0]), dets)
+        for i, (start, stop) in enumerate(todo):
+            block = pending.result()
+            if i + 1 < len(todo):
+                pending = pool.submit(dataset.read, slice(*todo[i + 1]), dets)
+            yield start, stop, job.run(block, stop - start)
+            del block
 
 
 def _remote_chunk(job: _Job, path: str, fmt: str, start: int, stop: int) -> tuple[int, int, dict]:
@@ -373,10 +393,14 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
             "rchi2": chi.float().cpu().numpy(), "iterations": it.int().cpu().numpy(), "status": code.cpu().numpy()}
 
 
-def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, batch: int = 256) -> dict[str, np.ndarray]:
+def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, batch: int | None = None
+                         ) -> dict[str, np.ndarray]:
     """Per-pixel refit of the shape parameters ``nl["free"]`` with the amplitudes, in batches of
-    pixels (the batched design matrix is ``[batch, C, K + 2]``)."""
+    pixels (the batched design matrix is ``[batch, C, K + 2]``; 256 pixels on the CPU, 4096 on a
+    GPU)."""
     model, theta0, free = nl["model"], nl["theta"], nl["free"]
+    if batch is None:
+        batch = 4096 if y.device.type == "cuda" else 256
     out: dict[str, list] = {k: [] for k in ("counts", "stderr", "rchi2", "iterations", "status", "parameters",
                                             "parameters_stderr")}
     n = int(free.numel())

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from mapstorch.errors import InputError
+from mapstorch.physics import snip_gpu
 
 __all__ = ["snip_background", "snip_window", "snip_widths", "SnipMode"]
 
@@ -247,10 +248,21 @@ def _sweep_plan(w_bytes: bytes, n: int, lo_limit: int, up_limit: int) -> tuple[n
     return lo, hi, tuple(blocks)
 
 
+def _w_key(w: Tensor) -> bytes:
+    """The widths ``w [C]`` as a cache key (float64 bytes)."""
+    return w.detach().double().cpu().numpy().tobytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _gpu_schedule(widths: tuple[bytes, ...], n: int, lo_limit: int, up_limit: int, device: str):
+    """The GPU kernel's step tables for passes of the given widths (cached per map)."""
+    return snip_gpu.sweep_schedule([_sweep_plan(w, n, lo_limit, up_limit) for w in widths], device)
+
+
 def _sweep_blocked(v: Tensor, w: Tensor, lo_limit: int, up_limit: int) -> Tensor:
     """One XRF-Maps in-place sweep over the window channels of ``v [C, P]`` (channel-major, all
     spectra sharing the widths ``w [C]``), block by block (see :func:`_sweep_plan`)."""
-    lo, hi, blocks = _sweep_plan(w.detach().double().cpu().numpy().tobytes(), v.shape[0], lo_limit, up_limit)
+    lo, hi, blocks = _sweep_plan(_w_key(w), v.shape[0], lo_limit, up_limit)
     if v.device.type == "cpu" and not v.requires_grad and v.is_contiguous():
         # NumPy on the same memory: the per-block call overhead is a few times lower
         a = v.numpy()
@@ -276,6 +288,7 @@ def snip_window(
     quadratic: float,
     width: float,
     window: tuple[int, int],
+    engine: str = "auto",
 ) -> Tensor:
     """The XRF-Maps SNIP background over the fit window only: ``[..., last - first + 1]``.
 
@@ -283,8 +296,12 @@ def snip_window(
     window channels, and the 5-channel smoothing two more on each side), for a fraction of the
     work when the window is a part of the spectrum; one calibration for all spectra (a map). On
     the CPU the sweeps run block by block over channel-major data (XRF-Maps' own sequential
-    order); elsewhere by pointer jumping (every channel in parallel).
+    order); on CUDA with Triton as one kernel, a thread per spectrum (:mod:`snip_gpu`);
+    elsewhere by pointer jumping (every channel in parallel). ``engine`` forces one of these
+    (``"blocked"``, ``"kernel"``, ``"pointer"``; default ``"auto"``), all with the same numbers.
     """
+    if engine not in ("auto", "blocked", "kernel", "pointer"):
+        raise InputError(f"SNIP engine must be auto, blocked, kernel or pointer, got {engine!r}")
     n = spectra.shape[-1]
     first, last = int(window[0]), int(window[1])
     if not 0 <= first <= last < n:
@@ -293,27 +310,36 @@ def snip_window(
         raise InputError(f"SNIP needs a positive energy slope, got {slope}")
     if not spectra.is_floating_point():
         spectra = spectra.to(torch.get_default_dtype())
+    if engine == "auto":
+        engine = ("kernel" if snip_gpu.available(spectra.device) else
+                  "blocked" if spectra.device.type == "cpu" else "pointer")
     a, b = max(first - 2, 0), min(last + 3, n)  # the crop: window plus the smoothing's reach
     a0, b0 = max(a - 2, 0), min(b + 2, n)
-    v = _boxcar5(spectra[..., a0:b0])[..., a - a0:b - a0]
-    v = torch.log(torch.log(v + 1.0) + 1.0)
     w_full = snip_widths(n, offset, slope, quadratic, width, dtype=spectra.dtype, device=spectra.device).reshape(-1)
     w = w_full[a:b]
     lo_limit, up_limit = first - a, last - a
-    blocked = spectra.device.type == "cpu"
-    if blocked:
-        lead = v.shape[:-1]
-        v = v.reshape(-1, v.shape[-1]).T.contiguous()  # [C, P]
-    sweep = _sweep_blocked if blocked else _pass_exact_shared
-    for _ in range(2):
-        v = sweep(v, w, lo_limit, up_limit)
+    widths = [w, w]  # two passes at the full width, then one per width while the widest is >= 0.5
     top = float(w_full.max())  # the number of passes follows the whole spectrum's widest window
     while top >= 0.5:
-        v = sweep(v, w, lo_limit, up_limit)
+        widths.append(w)
         w = w / math.sqrt(2.0)
         top = top / math.sqrt(2.0)
-    if blocked:
+    lead = spectra.shape[:-1]
+    if engine == "kernel":  # one kernel, a thread per spectrum, over channel-major data
+        x = spectra[..., a0:b0].reshape(-1, b0 - a0).T.contiguous()  # [C, P]
+        sched = _gpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit, str(x.device))
+        out = snip_gpu.snip(x, a - a0, b - a, lo_limit, up_limit, sched)
+        return out.T.reshape(*lead, -1)
+    v = _boxcar5(spectra[..., a0:b0])[..., a - a0:b - a0]
+    v = torch.log(torch.log(v + 1.0) + 1.0)
+    if engine == "blocked":
+        v = v.reshape(-1, v.shape[-1]).T.contiguous()  # [C, P]
+        for wp in widths:
+            v = _sweep_blocked(v, wp, lo_limit, up_limit)
         v = v.T.reshape(*lead, -1)
+    else:
+        for wp in widths:
+            v = _pass_exact_shared(v, wp, lo_limit, up_limit)
     bg = torch.exp(torch.exp(v) - 1.0) - 1.0
     bg = torch.where(torch.isfinite(bg), bg, torch.zeros_like(bg))
     return bg[..., lo_limit:up_limit + 1]
