@@ -176,7 +176,7 @@ def main() -> None:
         row["nnls_solve_pixels_per_second"] = p / t_nnls
         row["nnls_iterations_median"] = float(res["r"][1].float().median())
         row["nnls_iterations_max"] = int(res["r"][1].max())
-        del target, bg
+        target = bg = None  # free the GPU memory
         for method in ("nnls", "poisson"):
             part = {}
 
@@ -208,7 +208,7 @@ def main() -> None:
                         tb = _timed(lambda: snip_window(yg, off, slope, quad, width, win, engine="kernel"))
                         row[f"snip_kernel_block{blk}_pixels_per_second"] = p / tb
                     sg.snip = plain
-        del yg
+        yg = None
         if dev.type == "cuda":
             row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             torch.cuda.empty_cache()
@@ -220,7 +220,7 @@ def main() -> None:
     t_ptr = _timed(lambda: snip_window(yp, off, slope, quad, width, win, engine="pointer"), repeat=1)
     out["snip_pointer_pixels_per_second"] = round(pp / t_ptr, 1)
     log.info("SNIP by pointer jumping (%d pixels): %.0f pixels/s", pp, pp / t_ptr)
-    del yp
+    yp = None
     out["resident"] = resident
     largest = resident[max(resident, key=int)] if resident else {}
     out["ours"] = largest.get("nnls_chunk_pixels_per_second")
