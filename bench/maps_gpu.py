@@ -187,8 +187,9 @@ def main() -> None:
             row[f"{method}_chunk_pixels_per_second"] = p / t
             if method == "nnls":  # the last whole tile: far into the chunk (64-bit offsets)
                 tile = expected.shape[0]
-                last = part["r"]["counts"][:, (p // tile - 1) * tile:(p // tile) * tile]
-                truth = np.stack([sim.truth_counts[n].reshape(-1) for n in model.column_names])
+                whole = p // tile
+                last = part["r"]["counts"][:, (whole - 1) * tile:whole * tile] if whole else part["r"]["counts"]
+                truth = np.stack([sim.truth_counts[n].reshape(-1) for n in model.column_names])[:, :last.shape[1]]
                 err = {n: float(np.median(np.abs(last[i] - truth[i]) / truth[i]))
                        for i, n in enumerate(model.column_names) if n in majors}
                 row["nnls_median_rel_error_last_tile"] = {k: round(v, 4) for k, v in err.items()}
