@@ -20,7 +20,8 @@ from mapstorch.parameters.set import ParameterSet
 from mapstorch.physics.lines import LineTable, build_line_table
 from mapstorch.physics.model import FitWindow, SpectrumModel, fit_window
 
-__all__ = ["amplitudes_for_counts", "SyntheticSpectrum", "SyntheticMap", "continuum", "simulate_spectrum", "simulate_map", "DEMO_SAMPLE"]
+__all__ = ["amplitudes_for_counts", "SyntheticSpectrum", "SyntheticMap", "continuum", "simulate_spectrum", "simulate_map",
+           "map_dataset", "write_map_file", "DEMO_SAMPLE"]
 
 #: A biological/environmental sample at 10 keV: counts inside the fit window per component.
 DEMO_SAMPLE: dict[str, float] = {
@@ -194,3 +195,35 @@ def simulate_map(
     rng = np.random.default_rng(seed)
     noisy = rng.poisson(np.clip(expected, 0.0, None)).astype(np.float64)
     return SyntheticMap(noisy, expected, bg, truth, ps, lines, window)
+
+
+def map_dataset(smap: SyntheticMap):
+    """A simulated map as a :class:`~mapstorch.io.dataset.Dataset` (one detector, live time 1 s,
+    real time 1.02 s, an upstream ion chamber ``US_IC`` of 1.5e5 counts per pixel)."""
+    from mapstorch.io import Dataset
+
+    rows, cols, channels = smap.counts.shape
+    cal = [float(smap.params[k]) for k in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC")]
+    return Dataset(
+        path="simulated map", format="synthetic", rows=rows, cols=cols, detectors=1, channels=channels,
+        calibration=cal, spectra=smap.counts[:, :, None, :].astype(np.float32),
+        live_time=np.ones((rows, cols, 1)), real_time=np.full((rows, cols, 1), 1.02),
+        scalers={"US_IC": np.full((rows, cols), 1.5e5)}, scaler_roles={"US_IC": "US_IC"},
+        incident_energy=float(smap.params["COHERENT_SCT_ENERGY"]),
+        provenance={"scan_name": "mapstorch demo", "source": "mapstorch.synthetic.simulate_map"},
+    )
+
+
+def write_map_file(path, smap: SyntheticMap, override: bool = True):
+    """Write a simulated map as an XRF-Maps v10 HDF5 file and, with ``override``, the
+    parameters it was simulated with as ``maps_fit_parameters_override.txt`` beside it (where
+    ``mapstorch`` looks for one). Returns the HDF5 file's path."""
+    from pathlib import Path
+
+    from mapstorch.io import write_xrfmaps_h5
+    from mapstorch.io.override import new_override
+
+    (written,) = write_xrfmaps_h5(path, map_dataset(smap))
+    if override:
+        new_override(smap.params).write(Path(written).parent / "maps_fit_parameters_override.txt")
+    return Path(written)

@@ -63,25 +63,18 @@ def _time_model(model: SpectrumModel, theta: torch.Tensor, amps: torch.Tensor, r
 
 def _write_and_read_back(path: Path, smap) -> tuple[Path, dict]:
     """Write the simulated map as an XRF-Maps v10 file, open it again, compare."""
-    from mapstorch.io import Dataset, open_dataset, write_xrfmaps_h5
+    from mapstorch.io import open_dataset, write_xrfmaps_h5
+    from mapstorch.synthetic import map_dataset
 
-    rows, cols, channels = smap.counts.shape
-    cal = [float(smap.params[k]) for k in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC")]
-    ion_chamber = np.full((rows, cols), 1.5e5)
-    ds = Dataset(
-        path="simulated map", format="synthetic", rows=rows, cols=cols, detectors=1, channels=channels,
-        calibration=cal, spectra=smap.counts[:, :, None, :].astype(np.float32),
-        live_time=np.ones((rows, cols, 1)), real_time=np.full((rows, cols, 1), 1.02),
-        scalers={"US_IC": ion_chamber}, scaler_roles={"US_IC": "US_IC"},
-        provenance={"scan_name": "mapstorch demo", "source": "mapstorch.synthetic.simulate_map"},
-    )
+    ds = map_dataset(smap)
+    cal = ds.calibration[0]
     (written,) = write_xrfmaps_h5(path, ds)
     with open_dataset(written) as back:
         facts = {
             "format": back.format,
             "identical": bool(np.array_equal(back.read(), ds.read())),
             "calibration": "kept" if np.allclose(back.calibration[0], cal, rtol=1e-6) else "CHANGED",
-            "scaler": bool(np.allclose(back.scaler("US_IC"), ion_chamber)),
+            "scaler": bool(np.allclose(back.scaler("US_IC"), ds.scaler("US_IC"))),
         }
     return written, facts
 

@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_map_parser(sub, _data_options)
 
+    from mapstorch.cli.app import add_app_parser
+
+    add_app_parser(sub)
+
     p = sub.add_parser("lines", help="show the emission lines of components, e.g. 'Fe Pb_L Au_M Si_Cl'")
     p.add_argument("components", nargs="+", help="component names: Fe, Fe_L, Au_M, Si_Cl, ...")
     p.add_argument("--detector", choices=("Si", "Ge"), default="Si", help="detector material (mu_fraction)")
