@@ -2,7 +2,7 @@
 
 A synthetic spectrum is the MAPS model over the whole channel range for given shape parameters
 and per-component counts, plus a smooth continuum, drawn with Poisson noise. Truth is reported
-as *counts inside the fit window* per component (what XRF-Maps and mapstorch report), so that a
+as *counts inside the fit window* per component (what mapstorch's fits report), so that a
 fit can be compared with it directly.
 """
 

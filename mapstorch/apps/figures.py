@@ -131,16 +131,17 @@ def image_grid(images: Mapping[str, np.ndarray], *, ncols: int = 4, colorscale: 
     n = max(len(names), 1)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=names, horizontal_spacing=0.08,
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=names, horizontal_spacing=0.1,
                         vertical_spacing=0.12 if nrows > 1 else 0.05)
     for i, name in enumerate(names):
         r, c = divmod(i, ncols)
-        # each colour bar beside its own image
-        x_bar = (c + 1) / ncols - 0.02
-        y_mid = 1 - (r + 0.5) / nrows
+        # each colour bar just right of its own image, as tall as it
+        suffix = "" if i == 0 else str(i + 1)
+        xd, yd = fig.layout["xaxis" + suffix].domain, fig.layout["yaxis" + suffix].domain
         fig.add_trace(go.Heatmap(z=np.asarray(images[name], dtype=float), colorscale=colorscale,
-                                 colorbar={"x": x_bar, "y": y_mid, "len": 0.85 / nrows, "thickness": 10,
-                                           "title": units},
+                                 colorbar={"x": xd[1] + 0.005, "xanchor": "left", "y": (yd[0] + yd[1]) / 2,
+                                           "len": yd[1] - yd[0], "thickness": 10, "title": units,
+                                           "tickfont": {"size": 9}},
                                  hovertemplate=name + ": row %{y}, col %{x}: %{z:.4g}<extra></extra>"),
                       row=r + 1, col=c + 1)
         fig.update_yaxes(autorange="reversed", row=r + 1, col=c + 1)

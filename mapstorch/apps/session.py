@@ -161,3 +161,25 @@ def line_marks(elements, incident_energy: float | None, e_min: float, e_max: flo
                 continue
             marks.append({"element": name, "line": str(d["line"][i]), "energy": e, "ratio": ratio})
     return marks
+
+
+def write_override_file(content, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write an override file (an :class:`~mapstorch.io.override.OverrideFile`, or its text) to
+    ``path`` atomically; an existing file (the one in use, above all) is replaced only with
+    ``overwrite``. Returns the absolute path written."""
+    from mapstorch.io.atomic import atomic_write_text
+
+    raw = str(path).strip()
+    if not raw:
+        raise InputError("no output path: type where to write the override file")
+    target = Path(raw).expanduser().resolve()
+    if target.is_dir():
+        raise InputError(f"{target} is a folder: give a file name, e.g. {target / 'maps_fit_parameters_override.txt'}")
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} exists; tick 'overwrite an existing file' to replace it, or choose another name")
+    if not target.parent.is_dir():
+        raise InputError(f"{target.parent}: no such folder (it does not exist)")
+    if isinstance(content, str):
+        atomic_write_text(target, content, what="override file")
+        return target
+    return Path(content.write(target)).resolve()

@@ -109,7 +109,6 @@ def load_spectrum(args: argparse.Namespace) -> Loaded:
 
 def run_fit(args: argparse.Namespace) -> int:
     from mapstorch.fit import fit_spectrum
-    from mapstorch.io.override import new_override
 
     _check_outputs(args)
     data = load_spectrum(args)
@@ -146,29 +145,10 @@ def run_fit(args: argparse.Namespace) -> int:
                       title=f"{Path(args.file).name} ({what}): {result.status}, reduced chi2 {result.reduced_chi2:.3g}")
         lines.append(f"wrote       {args.plot}")
     if args.out_override:
-        if override is not None:  # every other line of the input file stays as it is
-            changed = elements is not None and list(result.elements) != override.components
-            out = override.with_values(result.params, bounds=True,
-                                       elements=_plain(result.elements) if changed else None,
-                                       pileups=_pileups(result.elements) if changed else None)
-        else:
-            out = new_override(result.params)
-        out.write(args.out_override)
+        result.to_override(override).write(args.out_override)  # every other line of the input stays
         lines.append(f"wrote       {args.out_override}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0 if result.status != "non-finite" else 1
-
-
-def _plain(components) -> list[str]:
-    from mapstorch.physics.elements import parse_component
-
-    return [c for c in components if parse_component(c).partner is None]
-
-
-def _pileups(components) -> list[str]:
-    from mapstorch.physics.elements import parse_component
-
-    return [c for c in components if parse_component(c).partner is not None]
 
 
 class _Bar:

@@ -42,7 +42,6 @@ def add_guess_parser(sub, data_options) -> None:
 def run_guess(args: argparse.Namespace) -> int:
     from mapstorch.cli.fit import _check_outputs, load_spectrum
     from mapstorch.identify import guess_elements
-    from mapstorch.io.override import new_override
 
     _check_outputs(args)  # the same three outputs as `mapstorch fit`: fail before any work
     data = load_spectrum(args)
@@ -82,11 +81,7 @@ def run_guess(args: argparse.Namespace) -> int:
                    uncertain=[n for n in shown if n not in result.present])
         lines.append(f"wrote       {args.plot}")
     if args.out_override:
-        if data.override is not None:
-            out = data.override.with_values(None, elements=result.elements, pileups=result.pileups)
-        else:
-            out = new_override(result.fit.params)
-        out.write(args.out_override)
+        result.to_override(data.override).write(args.out_override)
         lines.append(f"wrote       {args.out_override}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

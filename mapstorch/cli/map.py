@@ -47,6 +47,9 @@ def add_map_parser(sub, data_options) -> None:
     p.add_argument("--dask", metavar="ADDRESS", help="fit the chunks on this Dask scheduler (tcp://host:8786)")
     p.add_argument("--dask-local", type=int, metavar="N", help="fit the chunks on a local Dask cluster of N workers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--library", help="XRF-Maps xrf_library.csv: use XRF-Maps' line tables (with --henke) instead "
+                   "of xraylib, for XRF-Maps' exact numbers")
+    p.add_argument("--henke", help="XRF-Maps henke.xdr (with --library)")
     data_options(p)
     p.set_defaults(func=run_map)
 
@@ -76,6 +79,22 @@ def run_map(args: argparse.Namespace) -> int:
         raise InputError("mapping needs shape parameters and elements: give --override / --params (an override "
                          "file, e.g. from `mapstorch fit --out-override`) or put one beside the data")
     elements = [e.strip() for e in args.elements.split(",") if e.strip()] if args.elements else None
+    line_source = None
+    if args.library or args.henke:
+        if not (args.library and args.henke):
+            raise InputError("--library and --henke go together (XRF-Maps' xrf_library.csv and henke.xdr)")
+        from mapstorch.physics.lines import xrfmaps_source
+
+        line_source = xrfmaps_source(args.library, args.henke)
+
+    def params_for(det):
+        """XRF-Maps reads maps_fit_parameters_override.txt<N> for detector N when it exists."""
+        if args.params or det == "sum" or not found:
+            return params, None
+        per = Path(f"{found}{int(det)}")
+        if per.is_file():
+            return read_override(per), per
+        return params, None
     work = out.with_name(out.name + ".partial")
     lines = [f"override    {found}" + ("" if args.override else " (found beside the data)")] if found else []
     if args.params:
@@ -119,7 +138,11 @@ def run_map(args: argparse.Namespace) -> int:
         runs = []
         try:
             for det in targets:
-                runs.append(fit_map(ds, params, elements, method=args.method, detector=det, dask=client,
+                det_params, per_file = params_for(det)
+                if per_file is not None:
+                    lines.append(f"override    {per_file} (detector {det})")
+                runs.append(fit_map(ds, det_params, elements, method=args.method, detector=det, dask=client,
+                                    line_source=line_source,
                                     chunk_rows=args.chunk_rows, device=args.device, dtype=dtype,
                                     work_dir=work / f"detector_{det}" if each else work,
                                     parameter_maps=[n.strip() for n in args.parameter_maps.split(",") if n.strip()]

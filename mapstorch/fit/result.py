@@ -39,7 +39,8 @@ class FitResult:
     values, stderr : ``{shape parameter: value}`` and the standard error of every free one (NaN
         for fixed parameters and for free ones held at a bound).
     counts, counts_stderr : modelled counts inside the fit window per component, ``Elastic`` and
-        ``Compton`` (what XRF-Maps reports), with standard errors from the inverse Fisher
+        ``Compton`` (every line of the family; XRF-Maps' maps hold amplitudes instead, see
+        ``docs/maps.md``), with standard errors from the inverse Fisher
         information (delta method, shape-parameter uncertainty included).
     components : per-component spectra over the window (each component, ``Elastic``,
         ``Compton``, ``Escape`` when on, ``Background``, ``Total``).
@@ -97,6 +98,23 @@ class FitResult:
     def elements(self) -> tuple[str, ...]:
         """The fitted components (elements and pile-ups), without Elastic and Compton."""
         return self.params.components
+
+    def to_override(self, override=None):
+        """The fit as an override file (what ``mapstorch fit --out-override`` writes): the input
+        ``override`` (an :class:`~mapstorch.io.override.OverrideFile`) with the fitted values and
+        bounds and every other line kept -- its element lists rewritten only when the fitted
+        components differ -- or, without one, a new file of the fitted parameters."""
+        from mapstorch.io.override import new_override
+        from mapstorch.physics.elements import parse_component
+
+        if override is None:
+            return new_override(self.params)
+        comps = list(self.elements)
+        if comps == list(override.components):
+            return override.with_values(self.params, bounds=True)
+        return override.with_values(self.params, bounds=True,
+                                    elements=[c for c in comps if parse_component(c).partner is None],
+                                    pileups=[c for c in comps if parse_component(c).partner is not None])
 
     def to_dict(self) -> dict:
         """JSON-ready summary (no per-channel arrays): elements, parameters, fit statistics."""

@@ -90,8 +90,11 @@ def _spectrum(counts) -> np.ndarray:
     return y
 
 
-def _parameter_set(elements, params, preset, free, calibration) -> tuple[ParameterSet, LineTable | None, bool]:
-    """(parameter set, line table or None, whether the calibration came from the caller)."""
+def _parameter_set(elements, params, preset, free, calibration, source=None
+                   ) -> tuple[ParameterSet, LineTable | None, bool]:
+    """(parameter set, line table, whether the calibration came from the caller). ``source``:
+    the line library (default xraylib; :func:`~mapstorch.physics.lines.xrfmaps_source` for
+    XRF-Maps' own tables)."""
     from mapstorch.io.override import OverrideFile
 
     table = None
@@ -108,7 +111,7 @@ def _parameter_set(elements, params, preset, free, calibration) -> tuple[Paramet
         values.update({f"{k}_MAX": v for k, v in params.upper.items()})
         ps = ps.with_maps_values(values)
         table = build_line_table(comps, detector=params.detector, branching=params.branching_factors(),
-                                 width_multipliers=params.width_multipliers)
+                                 width_multipliers=params.width_multipliers, source=source)
         given_cal = "ENERGY_SLOPE" in params.parameters
     elif isinstance(params, ParameterSet):
         if params.values.dim() != 1:
@@ -142,7 +145,7 @@ def _parameter_set(elements, params, preset, free, calibration) -> tuple[Paramet
     else:
         ps = ps.with_preset(preset)
     if table is None:
-        table = build_line_table(list(ps.components))
+        table = build_line_table(list(ps.components), source=source)
     return ps, table, given_cal
 
 

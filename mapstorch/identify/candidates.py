@@ -91,8 +91,13 @@ def pileup_candidates(strong: Sequence[str], incident_energy: float, e_min: floa
     out = []
     for i, (z1, s1, e1) in enumerate(sorted(ks)):
         for z2, s2, e2 in sorted(ks)[i:]:
-            if e_min <= e1 + e2 < top:
-                out.append(f"{s1}_{s2}")
+            if not e_min <= e1 + e2 < top:
+                continue
+            if s2 == "K":  # "Ar_K" would read as argon's K family: name potassium first
+                if s1 == "K":
+                    continue  # "K_K" reads as potassium's K family: a K+K pile-up has no MAPS name
+                s1, s2 = s2, s1
+            out.append(f"{s1}_{s2}")
     return out
 
 

@@ -129,6 +129,19 @@ class ElementGuess:
         """The chosen pile-ups (``ELEMENTS_WITH_PILEUP``)."""
         return [n for n in self.present if parse_component(n).is_pileup]
 
+    def to_override(self, override=None, chosen: Sequence[str] | None = None):
+        """An override file listing ``chosen`` (default the present families) as
+        ``ELEMENTS_TO_FIT`` / ``ELEMENTS_WITH_PILEUP``: a copy of ``override`` with those two lines
+        changed (every other line kept), or, without one, a new file of the guess's fit."""
+        from mapstorch.io.override import new_override
+
+        names = [parse_component(n).name for n in (self.present if chosen is None else chosen)]
+        if not names:
+            raise InputError("the list is empty: choose at least one family to fit")
+        base = override if override is not None else new_override(self.fit.params)
+        return base.with_values(None, elements=[n for n in names if not parse_component(n).is_pileup],
+                                pileups=[n for n in names if parse_component(n).is_pileup])
+
     def elements_to_fit(self) -> str:
         """The list as an override file's ``ELEMENTS_TO_FIT`` value."""
         return ", ".join(self.elements)

@@ -330,8 +330,18 @@ def read_xrfmaps_h5_detectors(paths: Sequence[str | os.PathLike[str]]) -> Datase
     )
 
 
+_RESULT_KEYS = ("Channel_Names", "Channel_Units", "Counts_Per_Sec")
+
+
 def read_xrfmaps_results(path: str | os.PathLike[str]) -> dict[str, dict[str, object]]:
-    """``{routine: {"channel_names", "units", "counts_per_sec" (N, rows, cols)}}`` of a v10 file."""
+    """``{routine: {"channel_names", "units", "counts_per_sec" (N, rows, cols), "extra"}}`` of a
+    v10 file.
+
+    extra : ``{name: (..., rows, cols)}``, every other map of the routine's group, as stored (our
+    writer's ``Counts``, ``Counts_Stderr``, ``Counts_Per_Sec_Stderr``, ``Reduced_Chi2``,
+    ``Iterations``, ``Status``, ``Parameter_*``; empty for XRF-Maps' own files, whose other
+    datasets are integrated spectra, not maps).
+    """
     def results(f) -> dict[str, dict[str, object]]:
         group = _get(f, "MAPS/XRF_Analyzed", required=False)
         if group is None:
@@ -339,10 +349,19 @@ def read_xrfmaps_results(path: str | os.PathLike[str]) -> dict[str, dict[str, ob
         out = {}
         for routine in group:
             base = f"MAPS/XRF_Analyzed/{routine}"
+            cps = np.asarray(_read(f, f"{base}/Counts_Per_Sec"), dtype=np.float64)
+            extra = {}
+            for key in group[routine]:
+                obj = _get(f, f"{base}/{key}")
+                if key in _RESULT_KEYS or not hasattr(obj, "shape") or cps.ndim < 2:
+                    continue
+                if len(obj.shape) >= 2 and tuple(obj.shape[-2:]) == cps.shape[-2:]:
+                    extra[key] = np.asarray(_read(f, f"{base}/{key}"))
             out[routine] = {
                 "channel_names": _strings(_read(f, f"{base}/Channel_Names")),
                 "units": _strings(_read(f, f"{base}/Channel_Units", required=False)),
-                "counts_per_sec": np.asarray(_read(f, f"{base}/Counts_Per_Sec"), dtype=np.float64),
+                "counts_per_sec": cps,
+                "extra": extra,
             }
         f.close()
         return out

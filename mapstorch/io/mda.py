@@ -540,8 +540,10 @@ def read_mda_dataset(path: str | os.PathLike[str], roles: dict[str, str] | None 
     icr = _per_detector(scalers, det_names, ("InputCountRate", "ICR"), "ICR", roles)
     ocr = _per_detector(scalers, det_names, ("OutputCountRate", "OCR"), "OCR", roles)
     if rt is not None and icr is not None and ocr is not None:
-        # as XRF-Maps: with real time and both count rates, live = real x OCR / ICR
-        lt = np.where(icr > 0, rt * ocr / np.where(icr > 0, icr, 1.0), rt)
+        # as XRF-Maps: with real time and both count rates, live = real x OCR / ICR; the real
+        # time where either rate is zero (Spectra::recalc_elapsed_livetime)
+        ok = (icr > 0) & (ocr > 0)
+        lt = np.where(ok, rt * ocr / np.where(ok, icr, 1.0), rt)
         provenance["live_time"] = "real time x OCR / ICR (as XRF-Maps)"
     elif lt is not None:
         provenance["live_time"] = "ELTM"

@@ -57,8 +57,16 @@ class MapResult:
     """Maps of one fit: arrays ``[components, rows, cols]`` or ``[rows, cols]``.
 
     names : components (elements, pile-ups, then ``Elastic``, ``Compton``).
-    counts, counts_stderr : counts inside the fit window; counts_per_sec = counts / live time.
+    amplitudes, amplitudes_stderr : the fitted amplitude of each component's model spectrum,
+        whose main line (Ka1, La1, Ma1) has relative intensity 1 -- what XRF-Maps stores.
+    counts_per_sec : amplitudes / live time, XRF-Maps' ``Counts_Per_Sec`` (for the sum of the
+        detectors: divided by the sum of their live times, so it is on one detector's scale).
+    counts, counts_stderr : all counts of each component inside the fit window (every line, the
+        definition of our spectrum fits); ``counts / amplitudes`` is a constant per component.
     reduced_chi2, iterations, status : per pixel (status codes in :data:`STATUS_CODES`).
+    total_counts : counts of each pixel's whole spectrum.
+    fitted_integrated, background_integrated : model (with background) and background summed
+        over all pixels, ``[window channels]`` (window = ``window``, first and last channel).
     """
 
     method: str
@@ -77,6 +85,14 @@ class MapResult:
     parameter_names: tuple[str, ...] = ()
     parameters: np.ndarray | None = None  # [n, rows, cols] (nonlinear method)
     parameters_stderr: np.ndarray | None = None
+    amplitudes: np.ndarray | None = None
+    amplitudes_stderr: np.ndarray | None = None
+    total_counts: np.ndarray | None = None
+    live_time: np.ndarray | None = None
+    window: tuple[int, int] = (0, 0)
+    channels: int = 0
+    fitted_integrated: np.ndarray | None = None
+    background_integrated: np.ndarray | None = None
 
     def element(self, name: str) -> np.ndarray:
         return self.counts[self.names.index(name)]
@@ -86,22 +102,83 @@ class MapResult:
         return {"nnls": "NNLS", "poisson": "Poisson", "nonlinear": "Fitted"}[self.method]
 
     def xrfmaps_results(self) -> dict[str, dict[str, object]]:
-        """``results`` for :func:`~mapstorch.io.hdf5.write_xrfmaps_h5`: Counts_Per_Sec with
-        Channel_Names in the XRF-Maps layout, plus our own maps under names of our own."""
+        """``results`` for :func:`~mapstorch.io.hdf5.write_xrfmaps_h5`, as XRF-Maps writes them.
+
+        ``Channel_Names``: the elements (K families by atomic number, then L, then M, then
+        pile-ups), ``Sum_Elastic_Inelastic``, ``Total_Fluorescence_Yield``, ``Fit_Residual``,
+        ``COHERENT_SCT_AMPLITUDE``, ``Num_Iter``, ``COMPTON_AMPLITUDE``; ``Counts_Per_Sec`` holds
+        amplitude / live time for the components, the elastic + Compton sum and the spectrum's
+        total counts per second, our reduced chi-square as ``Fit_Residual`` and the iterations
+        as ``Num_Iter``. ``Fitted_Integrated_Spectra`` / ``FIT_Integrated_Background``: the model
+        and background summed over the pixels (zero outside the fit window). Maps of our own
+        beside them, on the same channel axis (NaN where they do not apply): ``Counts`` (every
+        count of a component inside the window), ``Counts_Stderr``, ``Counts_Per_Sec_Stderr``;
+        and ``Reduced_Chi2``, ``Iterations``, ``Status``, ``Parameter_<NAME>[_Stderr]``.
+        """
+        from mapstorch.physics.elements import parse_component
+
+        idx = {n: i for i, n in enumerate(self.names)}
+        comps = [n for n in self.names if n not in ("Elastic", "Compton")]
+
+        def order(name: str) -> tuple:
+            c = parse_component(name)
+            return (3 if c.is_pileup else "KLM".index(c.shell), c.z, name)
+
+        comps.sort(key=order)
+        shape = self.counts.shape[1:]
+        nan = np.full(shape, np.nan, np.float32)
+        live = self.live_time if self.live_time is not None else np.ones(shape, np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_sec = np.where(live > 0, 1.0 / live, np.nan).astype(np.float32)
+        amps = self.amplitudes if self.amplitudes is not None else self.counts
+        amps_err = self.amplitudes_stderr if self.amplitudes_stderr is not None else self.counts_stderr
+
+        def comp(name: str, source: np.ndarray) -> np.ndarray:
+            return source[idx[name]]
+
+        scatter = [n for n in ("Elastic", "Compton") if n in idx]
+        el_co = sum(comp(n, amps) for n in scatter) if scatter else np.zeros(shape, np.float32)
+        total = self.total_counts if self.total_counts is not None else nan
+        channels = [(n, comp(n, self.counts_per_sec), n, "cts/s") for n in comps] + [
+            ("Sum_Elastic_Inelastic", el_co * per_sec, None, "cts/s"),
+            ("Total_Fluorescence_Yield", total * per_sec, None, "cts/s"),
+            ("Fit_Residual", self.reduced_chi2, None, ""),
+            ("COHERENT_SCT_AMPLITUDE", comp("Elastic", self.counts_per_sec) if "Elastic" in idx else nan, "Elastic",
+             "cts/s"),
+            ("Num_Iter", self.iterations.astype(np.float32), None, ""),
+            ("COMPTON_AMPLITUDE", comp("Compton", self.counts_per_sec) if "Compton" in idx else nan, "Compton",
+             "cts/s"),
+        ]
+
+        def aligned(source: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+            return np.stack([nan if c is None else source[idx[c]] * (1 if scale is None else scale)
+                             for _, _, c, _ in channels]).astype(np.float32)
+
+        def full(window_values: np.ndarray | None) -> np.ndarray:
+            out = np.zeros(max(self.channels, self.window[1] + 1), np.float32)
+            if window_values is not None:
+                out[self.window[0]:self.window[1] + 1] = window_values
+            return out
+
+        extra = {
+            "Counts": aligned(self.counts),
+            "Counts_Stderr": aligned(self.counts_stderr),
+            "Counts_Per_Sec_Stderr": aligned(amps_err, per_sec),
+            "Reduced_Chi2": self.reduced_chi2,
+            "Iterations": self.iterations.astype(np.float32),
+            "Status": self.status.astype(np.float32),
+        }
+        if self.parameters is not None:
+            extra.update({f"Parameter_{n}": self.parameters[i] for i, n in enumerate(self.parameter_names)})
+            extra.update({f"Parameter_{n}_Stderr": self.parameters_stderr[i]
+                          for i, n in enumerate(self.parameter_names)})
         return {self.routine_name(): {
-            "channel_names": list(self.names),
-            "counts_per_sec": self.counts_per_sec,
-            "extra": {
-                "Counts": self.counts,
-                "Counts_Stderr": self.counts_stderr,
-                "Counts_Per_Sec_Stderr": self.counts_stderr * (self.counts_per_sec / np.where(
-                    self.counts != 0, self.counts, np.inf)),
-                "Reduced_Chi2": self.reduced_chi2,
-                "Iterations": self.iterations.astype(np.float32),
-                "Status": self.status.astype(np.float32),
-                **{f"Parameter_{n}": self.parameters[i] for i, n in enumerate(self.parameter_names)},
-                **{f"Parameter_{n}_Stderr": self.parameters_stderr[i] for i, n in enumerate(self.parameter_names)},
-            },
+            "channel_names": [c[0] for c in channels],
+            "units": [c[3] for c in channels],
+            "counts_per_sec": np.stack([c[1] for c in channels]).astype(np.float32),
+            "Fitted_Integrated_Spectra": full(self.fitted_integrated),
+            "FIT_Integrated_Background": full(self.background_integrated),
+            "extra": extra,
         }}
 
 
@@ -132,6 +209,7 @@ def fit_map(
     work_dir: str | os.PathLike[str] | None = None,
     dask=None,
     progress: Progress | None = None,
+    line_source=None,
 ) -> MapResult:
     """Fit every pixel of ``dataset`` with the shape parameters fixed (module docstring).
 
@@ -142,6 +220,8 @@ def fit_map(
         about 262144 and 16384, enough to keep it busy).
     parameter_maps : shape parameters the ``nonlinear`` method refits per pixel (default
         :data:`DEFAULT_PARAMETER_MAPS`: energy offset and slope, detector width).
+    line_source : the line library (default xraylib); ``mapstorch.physics.lines.xrfmaps_source(
+        "xrf_library.csv", "henke.xdr")`` uses XRF-Maps' own tables, for its exact numbers.
     dask : a ``distributed.Client`` (or a scheduler address) to fit the chunks on: each task
         opens the input file itself and returns its chunk; this process stores and assembles
         them (the dataset must come from a file).
@@ -161,7 +241,7 @@ def fit_map(
             raise InputError(f"detector {detector}: {dataset.path} has detectors 0-{dataset.detectors - 1}")
     dets = list(range(dataset.detectors)) if detector == "sum" else [int(detector)]
     cal = dataset.calibration[dets[0]]
-    ps, table, _ = _parameter_set(elements, params, "2", None, cal)
+    ps, table, _ = _parameter_set(elements, params, "2", None, cal, source=line_source)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available on this machine")
@@ -196,11 +276,14 @@ def fit_map(
         raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
     live = None
     if dataset.live_time is not None:
-        live = dataset.live_time[..., dets].mean(-1) if detector == "sum" else dataset.live_time[..., dets[0]]
+        # the sum of the detectors is divided by the sum of their live times (XRF-Maps' fit of
+        # summed spectra): counts/s on one detector's scale, comparable to each detector's map
+        live = dataset.live_time[..., dets].sum(-1) if detector == "sum" else dataset.live_time[..., dets[0]]
     settings = {"method": method, "detector": str(detector), "names": list(names), "window": [window.first, window.last],
                 "parameter_maps": list(free_names),
                 "theta": [round(float(v), 12) for v in theta.double().tolist()], "dtype": str(dtype),
-                "max_iter": max_iter, "input": _file_identity(dataset.path), "rows": rows, "cols": cols}
+                "max_iter": max_iter, "input": _file_identity(dataset.path), "rows": rows, "cols": cols,
+                "lines": table.source}
     store = _ChunkStore(work_dir, settings) if work_dir is not None else None
 
     n_par = len(free_names)
@@ -208,6 +291,11 @@ def fit_map(
     pars_err = np.full((n_par, rows, cols), np.nan, np.float32)
     counts = np.zeros((n_comp, rows, cols), np.float32)
     stderr = np.full((n_comp, rows, cols), np.nan, np.float32)
+    amps = np.zeros((n_comp, rows, cols), np.float32)
+    amps_err = np.full((n_comp, rows, cols), np.nan, np.float32)
+    total = np.zeros((rows, cols), np.float32)
+    integrated = {"integrated_fit": np.zeros(window.last - window.first + 1),
+                  "integrated_background": np.zeros(window.last - window.first + 1)}
     rchi2 = np.full((rows, cols), np.nan, np.float32)
     iters = np.zeros((rows, cols), np.int32)
     status = np.zeros((rows, cols), np.int8)
@@ -217,6 +305,11 @@ def fit_map(
     def place(start: int, stop: int, part: Mapping[str, np.ndarray]) -> None:
         counts[:, start:stop] = part["counts"]
         stderr[:, start:stop] = part["stderr"]
+        amps[:, start:stop] = part["amplitudes"]
+        amps_err[:, start:stop] = part["amplitudes_stderr"]
+        total[start:stop] = part["total_counts"]
+        for key in integrated:
+            integrated[key] += part[key]
         rchi2[start:stop] = part["rchi2"]
         iters[start:stop] = part["iterations"]
         status[start:stop] = part["status"]
@@ -253,9 +346,9 @@ def fit_map(
     t_fit = time.perf_counter() - ts
     if live is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
-            cps = np.where(live > 0, counts / live[None], np.nan).astype(np.float32)
+            cps = np.where(live > 0, amps / live[None], np.nan).astype(np.float32)
     else:
-        cps = counts.copy()
+        cps = amps.copy()
     notes = []
     spread = calibration_spread(dataset.calibration, dataset.channels) if detector == "sum" else 0.0
     if spread > 0.5:
@@ -271,7 +364,10 @@ def fit_map(
     seconds = time.perf_counter() - t0
     return MapResult(method, names, counts, stderr, cps, rchi2, iters, status, str(detector), seconds,
                      fitted_pixels / t_fit if t_fit > 0 else math.nan, reused, notes, free_names,
-                     pars if n_par else None, pars_err if n_par else None)
+                     pars if n_par else None, pars_err if n_par else None, amps, amps_err, total,
+                     None if live is None else live.astype(np.float32), (window.first, window.last),
+                     dataset.channels, integrated["integrated_fit"].astype(np.float32),
+                     integrated["integrated_background"].astype(np.float32))
 
 
 @dataclass
@@ -300,7 +396,8 @@ class _Job:
         y = y.to(self.dtype)
         part = _fit_chunk(y, self.design, self.per_unit, self.cal, FitWindow(*self.window), self.method,
                           self.max_iter, self.nl)
-        return {k: v.reshape((v.shape[0], n_rows, self.cols) if v.ndim == 2 else (n_rows, self.cols))
+        return {k: v if k.startswith("integrated_") else  # sums over the chunk's pixels, [window channels]
+                v.reshape((v.shape[0], n_rows, self.cols) if v.ndim == 2 else (n_rows, self.cols))
                 for k, v in part.items()}
 
 
@@ -383,14 +480,28 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
         if method == "nonlinear" and nl is not None:
             return _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
         m = a @ design.T + bg
-        se = solvers.poisson_stderr(design, m, a) * per_unit
+        se = solvers.poisson_stderr(design, m, a)
         dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
         chi = solvers.pearson_chi2(yw, m) / dof
         finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
         code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
-        counts = torch.where(finite[:, None], a * per_unit, torch.zeros_like(a))
-    return {"counts": counts.T.float().cpu().numpy(), "stderr": se.T.float().cpu().numpy(),
-            "rchi2": chi.float().cpu().numpy(), "iterations": it.int().cpu().numpy(), "status": code.cpu().numpy()}
+        a = torch.where(finite[:, None], a, torch.zeros_like(a))  # non-finite: 0, as XRF-Maps
+        return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, m, bg)
+
+
+def _chunk_output(y, a, a_err, counts, counts_err, chi, iters, code, model, bg, **more) -> dict[str, np.ndarray]:
+    """A chunk's results as numpy arrays: ``[K, P]`` maps, ``[P]`` per-pixel values, and the
+    model and background summed over the chunk's pixels (``integrated_*``, ``[window channels]``)."""
+    def host(t):
+        return (t.float() if t.is_floating_point() else t).cpu().numpy()
+
+    out = {"amplitudes": host(a.T), "amplitudes_stderr": host(a_err.T), "counts": host(counts.T),
+           "stderr": host(counts_err.T), "rchi2": host(chi), "iterations": host(iters.int()), "status": host(code),
+           "total_counts": host(y.sum(1)),
+           "integrated_fit": model.sum(0).double().cpu().numpy(),
+           "integrated_background": bg.sum(0).double().cpu().numpy()}
+    out.update({k: host(v) for k, v in more.items()})
+    return out
 
 
 def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, batch: int | None = None
@@ -401,8 +512,8 @@ def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, bat
     model, theta0, free = nl["model"], nl["theta"], nl["free"]
     if batch is None:
         batch = 4096 if y.device.type == "cuda" else 256
-    out: dict[str, list] = {k: [] for k in ("counts", "stderr", "rchi2", "iterations", "status", "parameters",
-                                            "parameters_stderr")}
+    keys = ("a", "a_err", "counts", "counts_err", "chi", "iters", "code", "model", "parameters", "parameters_stderr")
+    out: dict[str, list] = {k: [] for k in keys}
     n = int(free.numel())
     for s0 in range(0, y.shape[0], batch):
         sl = slice(s0, min(s0 + batch, y.shape[0]))
@@ -418,15 +529,14 @@ def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, bat
             chi = solvers.pearson_chi2(yw[sl], m) / dof
             finite = torch.isfinite(a).all(1) & torch.isfinite(chi) & torch.isfinite(th).all(1)
             code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
-        out["counts"].append((a * unit).T)
-        out["stderr"].append((err[:, n:] * unit).T)
-        out["rchi2"].append(chi)
-        out["iterations"].append(it0[sl] + iters)
-        out["status"].append(code)
-        out["parameters"].append(th[:, free].T)
-        out["parameters_stderr"].append(err[:, :n].T)
-    cat = {k: torch.cat(v, -1) for k, v in out.items()}
-    return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in cat.items()}
+            a = torch.where(finite[:, None], a, torch.zeros_like(a))
+        for key, value in zip(keys, (a, err[:, n:], a * unit, err[:, n:] * unit, chi, it0[sl] + iters, code, m,
+                                     th[:, free], err[:, :n])):
+            out[key].append(value)
+    cat = {k: torch.cat(v, 0) for k, v in out.items()}
+    return _chunk_output(y, cat["a"], cat["a_err"], cat["counts"], cat["counts_err"], cat["chi"], cat["iters"],
+                         cat["code"], cat["model"], bg, parameters=cat["parameters"].T,
+                         parameters_stderr=cat["parameters_stderr"].T)
 
 
 class _ChunkStore:

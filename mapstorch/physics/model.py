@@ -318,7 +318,8 @@ class SpectrumModel:
     def counts(self, theta: Tensor, amplitudes: Tensor) -> Tensor:
         """Modelled counts of each column inside the fit window ``[..., K + 2]`` (escape excluded).
 
-        This is what XRF-Maps reports per element (divide by live time for counts/s).
+        Every line of the family counts. XRF-Maps reports the amplitude instead (the model
+        spectrum's main line has relative intensity 1): ``counts / amplitudes`` per column.
         """
         self._check(theta, amplitudes)
         cols, _ = self.columns(theta, with_escape=False)
