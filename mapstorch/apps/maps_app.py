@@ -4,11 +4,10 @@ __generated_with = "0.25.2"
 app = marimo.App(width="full", app_title="mapstorch · maps")
 
 with app.setup:
-    from pathlib import Path
 
     import marimo as mo
 
-    from mapstorch.apps import figures, mapping, session
+    from mapstorch.apps import figures, mapping, session, widgets
     from mapstorch.errors import MapstorchError
 
     WAYS = {"Run a map fit on the scan": "run", "Open the maps in a results file": "open"}
@@ -25,20 +24,18 @@ def _():
 @app.cell
 def _():
     start = session.start_file()
-    path_box = mo.ui.text(value=start, label="File", full_width=True,
-                          placeholder="a scan (XRF-Maps .h5, .mda, ...) or a results file with /MAPS/XRF_Analyzed")
-    browser = mo.ui.file_browser(initial_path=str(Path(start).parent) if start else str(Path.cwd()),
-                                 multiple=False, label="or pick one")
+    path_box, browser, _view = widgets.file_controls(
+        start, "a scan (XRF-Maps .h5, .mda, ...) or a results file with /MAPS/XRF_Analyzed")
     way_pick = mo.ui.radio(options=WAYS, inline=True,
                            value=next(k for k, v in WAYS.items() if v == ("open" if mapping.has_results(start)
                                                                           else "run")))
-    mo.vstack([path_box, mo.accordion({"Browse files": browser}), way_pick])
+    mo.vstack([_view, way_pick])
     return browser, path_box, way_pick
 
 
 @app.cell
 def _(browser, path_box):
-    path = str(browser.path(0)) if browser.value else path_box.value.strip()
+    path = widgets.chosen_path(browser, path_box)
     return (path,)
 
 
@@ -50,17 +47,7 @@ def _(way_pick):
 
 @app.cell
 def _(path):
-    mo.stop(not path, mo.callout(mo.md("Type the path of a scan or a results file above (or browse for one)."),
-                                 kind="info"))
-    try:
-        with mo.status.spinner(title="Opening the file", subtitle=path):
-            source = mapping.inspect_file(path)
-        _error = None
-    except MapstorchError as _exc:
-        source, _error = None, str(_exc)
-    except Exception as _exc:  # noqa: BLE001 -- shown in the page, never a traceback
-        source, _error = None, f"{type(_exc).__name__}: {_exc}"
-    mo.stop(_error is not None, mo.callout(mo.md(f"**Cannot open this file.** {_error}"), kind="danger"))
+    source = widgets.open_or_stop(mapping.inspect_file, path, "a scan or a results file")
     _notes = mo.callout(mo.md("\n".join(f"- {n}" for n in source.notes)), kind="warn") if source.notes else mo.md("")
     mo.vstack([mo.ui.table([{"": k, "value": v} for k, v in source.facts()], selection=None, pagination=False,
                            label="What the file holds"), _notes])

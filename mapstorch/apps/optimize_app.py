@@ -8,7 +8,7 @@ with app.setup:
 
     import marimo as mo
 
-    from mapstorch.apps import figures, optimizing, session
+    from mapstorch.apps import figures, optimizing, session, widgets
     from mapstorch.errors import MapstorchError
 
 
@@ -21,30 +21,20 @@ def _():
 @app.cell
 def _():
     start_path = session.start_file()
-    path_box = mo.ui.text(value=start_path, label="File", full_width=True,
-                          placeholder="a scan: XRF-Maps .h5, .mda, .mca, .npy ...")
-    browser = mo.ui.file_browser(initial_path=str(Path(start_path).parent) if start_path else str(Path.cwd()),
-                                 multiple=False, label="or pick one")
-    mo.vstack([path_box, mo.accordion({"Browse files": browser})])
+    path_box, browser, _view = widgets.file_controls(start_path)
+    _view
     return browser, path_box
 
 
 @app.cell
 def _(browser, path_box):
-    path = str(browser.path(0)) if browser.value else path_box.value.strip()
+    path = widgets.chosen_path(browser, path_box)
     return (path,)
 
 
 @app.cell
 def _(path):
-    mo.stop(not path, mo.callout(mo.md("Type the path of a scan above (or browse for one)."), kind="info"))
-    try:
-        with mo.status.spinner(title="Reading the scan", subtitle=path):
-            scan = session.open_scan(path)
-        _error = None
-    except MapstorchError as exc:
-        scan, _error = None, str(exc)
-    mo.stop(_error is not None, mo.callout(mo.md(f"**Cannot open this file.** {_error}"), kind="danger"))
+    scan = widgets.open_or_stop(session.open_scan, path)
     mo.md(f"**{Path(scan.path).name}**: {scan.format}, {scan.rows} x {scan.cols} pixels, {scan.detectors} "
           f"detector(s), {scan.channels} channels; override file: {scan.override_path or 'none found'}")
     return (scan,)

@@ -99,16 +99,11 @@ def spectrum_of(scan, detector: str | int = "sum") -> tuple[np.ndarray, np.ndarr
 def parse_elements(text: str) -> list[str]:
     """Component names from a comma- (or space-) separated list, checked and in MAPS spelling
     (``"fe, pb_l, Si_Cl"`` -> ``["Fe", "Pb_L", "Si_Cl"]``); duplicates dropped."""
-    from mapstorch.physics.elements import parse_component
+    from mapstorch.identify.candidates import parse_candidates
 
-    names: list[str] = []
-    for word in text.replace(";", ",").replace(",", " ").split():
-        name = parse_component(word).name
-        if name not in names:
-            names.append(name)
-    if not names:
+    if not text.replace(";", " ").replace(",", " ").split():
         raise InputError("no elements to fit: list them, e.g. 'Ca, Fe, Zn, Pb_L'")
-    return names
+    return parse_candidates(text.replace(";", ","))
 
 
 # ----------------------------------------------------------------------------- the starting point
