@@ -222,9 +222,7 @@ class _Linear:
         signed = lo < 0
         a0 = torch.minimum(torch.maximum(start[cols], lo), hi) if start is not None else torch.zeros(len(cols), dtype=d.dtype)
         if start is None or not bool((a0 > 0).any()):
-            a0 = torch.full((len(cols),), float(self.y.sum()) / max(float(d.clamp(min=0).sum()), 1e-30),
-                            dtype=d.dtype)
-            a0[signed] = 0.0
+            a0 = self._start(d, signed, lo, hi)
 
         def evaluate(a: Tensor, jac: bool):
             m = d @ a + self.b
@@ -239,6 +237,20 @@ class _Linear:
 
     def model(self, amps: Tensor) -> Tensor:
         return self.d @ amps + self.b
+
+    def _start(self, d: Tensor, signed: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """A start near the optimum: the non-negative weighted least-squares amplitudes
+        (weights ``1 / max(y, 1)``) of the non-negative columns, the signed ones at zero. A flat
+        start can leave many overlapping columns far from the optimum after the iterations."""
+        from mapstorch.maps.solvers import nnls
+
+        w = torch.rsqrt(torch.clamp(self.y, min=1.0))
+        keep = ~signed
+        a0 = torch.zeros(d.shape[1], dtype=d.dtype)
+        if bool(keep.any()):
+            sol, _, _ = nnls(d[:, keep] * w[:, None], ((self.y - self.b) * w)[None, :], max_iter=3000, tol=1e-8)
+            a0[keep] = sol[0]
+        return torch.minimum(torch.maximum(a0, lo), hi)
 
 
 def _background_splines(energies: Tensor, spacing: float) -> Tensor:
