@@ -10,7 +10,7 @@ import numpy as np
 
 from mapstorch.errors import InputError
 
-__all__ = ["plot_spectrum", "plot_lines", "plot_maps", "element_colors"]
+__all__ = ["plot_spectrum", "plot_lines", "plot_maps", "plot_calibration", "element_colors"]
 
 _SKIP = {"Total", "Background"}
 
@@ -179,3 +179,31 @@ def plot_maps(
     fig.tight_layout()
     _save(plt, fig, path, dpi=100)
     return os.fspath(path)
+
+
+def plot_calibration(path: str | os.PathLike[str], curve: np.ndarray, points: Mapping[str, tuple[int, str, float, float]],
+                     title: str = "", units: str = "") -> str:
+    """A calibration curve ``[3, 100]`` (shells K, L, M over Z = 1..100, zeros not drawn) on a
+    log scale, with the standard's measured factors ``points[name] = (Z, shell, value, stderr)``.
+    Returns the path written."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    z = np.arange(1, curve.shape[1] + 1)
+    colors = {"K": "#1f77b4", "L": "#ff7f0e", "M": "#2ca02c"}
+    for row, shell in enumerate(("K", "L", "M")):
+        y = np.where(curve[row] > 0, curve[row], np.nan)
+        if np.isfinite(y).any():
+            ax.plot(z, y, "-", color=colors[shell], label=f"{shell} shell (fitted curve)")
+    for name, (zi, shell, value, err) in points.items():
+        ax.errorbar([zi], [value], yerr=[err] if err and np.isfinite(err) else None, fmt="o",
+                    color=colors.get(shell, "k"), ms=6, capsize=3)
+        ax.annotate(name, (zi, value), textcoords="offset points", xytext=(4, 4), fontsize=9)
+    ax.set_yscale("log")
+    ax.set_xlabel("atomic number Z")
+    ax.set_ylabel(units or "calibration factor")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(plt, fig, path, 120)
+    return str(path)

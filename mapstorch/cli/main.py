@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_map_parser(sub, _data_options)
 
+    from mapstorch.cli.quantify import add_quantify_parser
+
+    add_quantify_parser(sub, _data_options)
+
     from mapstorch.cli.app import add_app_parser
 
     add_app_parser(sub)

@@ -50,6 +50,9 @@ def add_map_parser(sub, data_options) -> None:
     p.add_argument("--library", help="XRF-Maps xrf_library.csv: use XRF-Maps' line tables (with --henke) instead "
                    "of xraylib, for XRF-Maps' exact numbers")
     p.add_argument("--henke", help="XRF-Maps henke.xdr (with --library)")
+    from mapstorch.cli.quantify import add_standard_options
+
+    add_standard_options(p, required=False)
     data_options(p)
     p.set_defaults(func=run_map)
 
@@ -72,6 +75,10 @@ def run_map(args: argparse.Namespace) -> int:
             raise InputError(f"--png {png}: exists and is not a folder")
         if not png.parent.exists():
             raise InputError(f"--png {png}: the folder {png.parent} does not exist")
+    if args.standard_info:
+        from mapstorch.quant.standards import read_standards
+
+        read_standards(args.standard_info)  # a bad description fails now, not after the fit
     found = args.override or override_beside(args.file)
     override = read_override(found) if found else None
     params = read_override(args.params) if args.params else override
@@ -199,5 +206,10 @@ def run_map(args: argparse.Namespace) -> int:
                   units={n: "" for n in quality})
         lines.append(f"wrote       {png / 'counts_per_sec.png'}, {png / 'quality.png'}")
     lines += [f"wrote       {path}" for path in written]
+    if args.standard_info:  # quantify the (summed) maps file in one go
+        from mapstorch.cli.quantify import quantify_after
+
+        detector = "sum" if each or str(args.detector) == "sum" else int(args.detector)
+        lines += quantify_after(args, out, out, detector, routine=result.routine_name(), replace=True)
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -46,9 +46,18 @@ _HC_ANGSTROM_EV = 12398.52
 _R_ELECTRON_CM = 2.817938070e-13
 
 
+def _number(text: str) -> float:
+    try:
+        v = float(text) if text.strip() else 0.0
+    except ValueError:
+        return 0.0
+    return v if math.isfinite(v) else 0.0
+
+
 @functools.lru_cache(maxsize=4)
 def read_xrf_library_csv(path: str | os.PathLike[str]) -> dict[int, dict]:
-    """Parse ``xrf_library.csv`` into ``{Z: {"symbol", "energy", "abs_yield", "mass", "binding"}}``.
+    """Parse ``xrf_library.csv`` into ``{Z: {"symbol", "energy", "abs_yield", "mass", "binding",
+    "shell_yield", "density", "jump"}}``.
 
     Raises :class:`LibraryError` naming the file and line for a malformed row.
     """
@@ -83,6 +92,11 @@ def read_xrf_library_csv(path: str | os.PathLike[str]) -> dict[int, dict]:
                 "abs_yield": vals[_COL_ABS_YIELD:_COL_ABS_YIELD + _N_LINES].copy(),
                 "mass": float(vals[_COL_MASS]),
                 "binding": dict(zip(_BINDING_NAMES, vals[_COL_BINDING:_MIN_COLUMNS].tolist())),
+                "shell_yield": dict(zip(("K", "L1", "L2", "L3", "M"), vals[_COL_YIELD:_COL_YIELD + 5].tolist())),
+                "density": float(vals[_COL_DENSITY]),
+                # jump factors (K, L1-L3, M1-M5, ...) follow the binding energies; missing ones are 0
+                "jump": dict(zip(_BINDING_NAMES, [_number(v) for v in row[_MIN_COLUMNS:_MIN_COLUMNS + len(_BINDING_NAMES)]]
+                                 + [0.0] * len(_BINDING_NAMES))),
             }
     if not table:
         raise LibraryError(f"{p}: no element rows found; is this XRF-Maps' xrf_library.csv?")
