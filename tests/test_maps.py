@@ -372,3 +372,45 @@ def test_map_uses_the_detectors_own_override_file(tmp_path):
             assert len(elements) > 10
         else:
             assert elements == expected
+
+
+def test_nnls_leaves_escape_peaks_out_of_its_fit_matrix_as_xrfmaps():
+    """XRF-Maps' NNLS fit matrix has no escape peaks; the counts per unit amplitude never count
+    them (as SpectrumModel.counts), for every method."""
+    from mapstorch.physics.model import SpectrumModel
+
+    sm = simulate_map(6, 6, seed=1, params={"SI_ESCAPE": 0.05})
+    ds = _dataset(sm)
+    r = fit_map(ds, sm.params, method="nnls")
+    model = SpectrumModel(sm.lines, sm.window, dtype=torch.float64)
+    theta = sm.params.shape_values()
+    with_esc = model.design_matrix(theta)
+    without = model.design_matrix(theta, with_escape=False)
+    assert float((with_esc - without).abs().max()) > 0  # escape is on in this model
+    i = r.names.index("Fe")
+    per_unit = float(model.counts(theta, torch.ones(without.shape[1], dtype=torch.float64))[i])
+    np.testing.assert_allclose(r.counts[i], r.amplitudes[i] * per_unit, rtol=1e-4)
+    rp = fit_map(ds, sm.params, method="poisson")
+    np.testing.assert_allclose(rp.counts[i], rp.amplitudes[i] * per_unit, rtol=1e-4)
+
+
+def test_one_detectors_maps_file_holds_that_detectors_spectra(tmp_path):
+    """As XRF-Maps' <scan>.h5<N>: the spectra and live times of detector N, beside its maps."""
+    import h5py
+    from conftest import require_shared
+
+    from mapstorch.cli.main import main
+    from mapstorch.io import open_dataset
+
+    mda = require_shared("xrfmaps-2ide", "mda", "2xfm_0010.mda")
+    out = tmp_path / "d2.h5"
+    assert main(["map", str(mda), "--detector", "2", "--out", str(out), "--no-progress"]) == 0
+    with open_dataset(mda) as ds:
+        spectra = ds.read(None, [2])
+        live = ds.live_time[..., 2]
+    with open_dataset(out) as back:
+        assert back.detectors == 1
+        np.testing.assert_allclose(back.read(), spectra, rtol=1e-6)
+        np.testing.assert_allclose(back.live_time[..., 0], live, rtol=1e-5)
+    with h5py.File(out) as f:
+        assert f["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"].shape[1:] == (11, 11)

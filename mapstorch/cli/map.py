@@ -164,7 +164,11 @@ def run_map(args: argparse.Namespace) -> int:
             if cluster is not None:
                 cluster.close()
         result = runs[0]
-        written = write_xrfmaps_h5(out, ds, override=override, results=result.xrfmaps_results(), per_detector=each,
+        # one detector's maps go with that detector's spectra and times (as XRF-Maps' <scan>.h5<N>)
+        single = not each and str(args.detector) != "sum"
+        source = ds.select([int(args.detector)]) if single else ds
+        used = det_params if single and per_file is not None else override
+        written = write_xrfmaps_h5(out, source, override=used, results=result.xrfmaps_results(), per_detector=each,
                                    detector_results=[r.xrfmaps_results() for r in runs[1:]] if each else None)
         lines.append(f"data        {ds.path}: {ds.rows} x {ds.cols} pixels, detector {args.detector}, "
                      f"{ds.channels} channels")

@@ -220,6 +220,25 @@ class Dataset:
             sl = slice(start, min(start + chunk_rows, self.rows))
             yield sl, self.read(sl, detectors)
 
+    def select(self, detectors: int | Sequence[int]) -> "Dataset":
+        """A view of some detector elements only (their spectra, times, counts, calibration;
+        the scalers and positions stay): e.g. what XRF-Maps writes into ``<scan>.h5<N>``."""
+        import dataclasses
+
+        dets = self._detectors(detectors)
+
+        def read_block(start: int, stop: int, sub) -> np.ndarray:
+            return self.read(slice(start, stop), [dets[i] for i in sub])
+
+        def pick(a):
+            return None if a is None else a[..., dets]
+
+        return dataclasses.replace(
+            self, detectors=len(dets), calibration=self.calibration[dets], spectra=None, read_block=read_block,
+            live_time=pick(self.live_time), real_time=pick(self.real_time), input_counts=pick(self.input_counts),
+            output_counts=pick(self.output_counts), detector_names=[self.detector_names[d] for d in dets],
+            close_fn=None)
+
     def integrated(self, detector: int | str | None = "sum", chunk_rows: int | None = None) -> np.ndarray:
         """Integrated spectrum: ``"sum"`` over detectors ``(channels,)``, one detector ``(channels,)``,
         or ``None`` for every detector ``(detectors, channels)``; float64, streamed by rows."""

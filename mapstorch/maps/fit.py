@@ -249,8 +249,11 @@ def fit_map(
     model = SpectrumModel(table, window, dtype=dtype, device=device)
     theta = ps.shape_values().to(device=device, dtype=dtype)
     with torch.no_grad():
-        design = model.design_matrix(theta)  # [Cw, K + 2]
-    per_unit = design.sum(0)  # counts inside the window per unit amplitude
+        # XRF-Maps' NNLS fit matrix has no escape peaks (it adds them to the displayed model
+        # only); our Poisson and nonlinear methods model them
+        design = model.design_matrix(theta, with_escape=method != "nnls")  # [Cw, K + 2]
+        # counts inside the window per unit amplitude (every line, escape not counted)
+        per_unit = model.counts(theta, torch.ones(design.shape[1], dtype=dtype, device=device))
     names = tuple(model.column_names)
     n_comp = len(names)
     off, slope, quad, width = (float(ps[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC",
@@ -523,7 +526,7 @@ def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, bat
             th, a, err, iters, ok = solvers.nonlinear(model.design_matrix, model, th, free, nl["lower"], nl["upper"],
                                                       yw[sl], bg[sl], a0[sl], nl["steps"], max_iter=max_iter or 30)
             d = model.design_matrix(th)
-            unit = d.sum(1)  # [p, K]: counts per unit amplitude at each pixel's shape
+            unit = model.counts(th, torch.ones_like(a))  # [p, K]: counts per unit amplitude at each pixel's shape
             m = (d @ a[..., None])[..., 0] + bg[sl]
             dof = (yw.shape[1] - (a > 0).sum(1) - n).clamp(min=1)
             chi = solvers.pearson_chi2(yw[sl], m) / dof

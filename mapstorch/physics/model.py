@@ -267,9 +267,10 @@ class SpectrumModel:
         n = self.n_components + 2
         return out[..., :n, :], out[..., n:, :]
 
-    def design_matrix(self, theta: Tensor) -> Tensor:
-        """Design matrix ``D`` ``[..., C, K + 2]`` with escape peaks folded into each column."""
-        cols, esc = self.columns(theta)
+    def design_matrix(self, theta: Tensor, with_escape: bool = True) -> Tensor:
+        """Design matrix ``D`` ``[..., C, K + 2]`` with escape peaks folded into each column
+        (``with_escape=False``: without them, as XRF-Maps' NNLS fit matrix)."""
+        cols, esc = self.columns(theta, with_escape=with_escape)
         if esc is not None:
             cols = cols + esc
         return cols.transpose(-1, -2)
