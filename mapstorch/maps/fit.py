@@ -216,8 +216,8 @@ def fit_map(
     params : an override file, a ParameterSet (e.g. a spectrum fit's ``result.params``) or
         ``{MAPS name: value}``; elements : components (default: the override file's).
     detector : ``"sum"`` (all detector elements added) or a detector index.
-    chunk_rows : rows per chunk (default: about 4096 pixels, 512 for ``nonlinear``; on a GPU
-        about 262144 and 16384, enough to keep it busy).
+    chunk_rows : rows per chunk (default: about 8192 pixels, 512 for ``nonlinear``; on a GPU
+        about 131072 and 8192, enough to keep it busy).
     parameter_maps : shape parameters the ``nonlinear`` method refits per pixel (default
         :data:`DEFAULT_PARAMETER_MAPS`: energy offset and slope, detector width).
     line_source : the line library (default xraylib); ``mapstorch.physics.lines.xrfmaps_source(
@@ -273,7 +273,7 @@ def fit_map(
         nl = {"model": model, "theta": theta, "free": torch.tensor(idx, device=device), "lower": lo, "upper": hi,
               "steps": 1e-3 * span}
     if chunk_rows is None:
-        per_chunk = (512 if method == "nonlinear" else 4096) * (32 if device.type == "cuda" else 1)
+        per_chunk = (512 if method == "nonlinear" else 8192) * (16 if device.type == "cuda" else 1)
         chunk_rows = max(1, per_chunk // max(cols, 1))
     if chunk_rows < 1:
         raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
@@ -467,9 +467,12 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
     ``rchi2``/``iterations``/``status`` ``[P]``."""
     off, slope, quad, width = cal
     with torch.no_grad():
-        bg = snip_window(y, off, slope, quad, width, (window.first, window.last))
-        yw = y[:, window.slice()]
-        a, it, ok = solvers.nnls(design, (yw - bg).clamp(min=0.0), max_iter=max_iter or 2000)
+        # channel-major [Cw, P] in memory throughout (the SNIP works that way): element-wise steps
+        # on one memory layout, matrix products by transposed views
+        bg, yw = snip_window(y, off, slope, quad, width, (window.first, window.last), with_window=True)
+        bg = bg.T.contiguous().T
+        yw = yw.T.contiguous().T
+        a, it, ok = solvers.nnls(design, (yw - bg).clamp_(min=0.0), max_iter=max_iter or 2000)
         if method == "poisson":
             # the background is a shape (SNIP of the chunk's summed spectrum: smooth even where a
             # pixel has few counts) with a fitted non-negative amplitude per pixel
@@ -482,10 +485,11 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
             it = it + it2
         if method == "nonlinear" and nl is not None:
             return _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
-        m = a @ design.T + bg
-        se = solvers.poisson_stderr(design, m, a)
+        m = torch.addmm(bg.T, design, a.T).T if bg.T.is_contiguous() else a @ design.T + bg
+        w = m.clamp(min=1.0).reciprocal_()  # Poisson weights, shared by the errors and chi-square
+        se = solvers.poisson_stderr(design, m, a, weights=w)
         dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
-        chi = solvers.pearson_chi2(yw, m) / dof
+        chi = solvers.pearson_chi2(yw, m, weights=w) / dof
         finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
         code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
         a = torch.where(finite[:, None], a, torch.zeros_like(a))  # non-finite: 0, as XRF-Maps

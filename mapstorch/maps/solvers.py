@@ -93,11 +93,12 @@ def poisson(design: Tensor, counts: Tensor, background: Tensor, start: Tensor, m
     return a, iters, done
 
 
-def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor) -> Tensor:
+def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: Tensor | None = None) -> Tensor:
     """Standard errors ``[P, K]`` of the amplitudes from the Fisher information
-    ``D^T diag(1 / m) D`` over the non-zero amplitudes of each pixel (others: NaN)."""
+    ``D^T diag(1 / m) D`` over the non-zero amplitudes of each pixel (others: NaN).
+    ``weights``: ``1 / max(m, 1)`` when already computed."""
     k = design.shape[1]
-    w = 1.0 / model.clamp(min=1.0)  # [P, C]
+    w = weights if weights is not None else model.clamp(min=1.0).reciprocal_()  # [P, C]
     # one matrix product over the K (K + 1) / 2 distinct entries of the symmetric information
     iu = torch.triu_indices(k, k, device=design.device)
     pairs = design[:, iu[0]] * design[:, iu[1]]  # [C, K (K + 1) / 2]
@@ -123,9 +124,10 @@ def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor) -> Tensor:
     return torch.where(active, torch.sqrt(var), torch.full_like(var, float("nan")))
 
 
-def pearson_chi2(counts: Tensor, model: Tensor) -> Tensor:
-    """``sum_c (y - m)^2 / max(m, 1)`` per pixel ``[P]``."""
-    return ((counts - model) ** 2 / model.clamp(min=1.0)).sum(-1)
+def pearson_chi2(counts: Tensor, model: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``sum_c (y - m)^2 / max(m, 1)`` per pixel ``[P]`` (``weights``: ``1 / max(m, 1)``)."""
+    w = weights if weights is not None else model.clamp(min=1.0).reciprocal_()
+    return (counts - model).square_().mul_(w).sum(-1)
 
 
 def nonlinear(

@@ -267,9 +267,12 @@ def _sweep_blocked(v: Tensor, w: Tensor, lo_limit: int, up_limit: int) -> Tensor
         # NumPy on the same memory: the per-block call overhead is a few times lower
         a = v.numpy()
         half = a.dtype.type(0.5)
+        tmp = np.empty(a.shape[1], dtype=a.dtype)  # one scratch row: no temporaries per channel
         for s, e in blocks:
             if e - s == 1:  # a single channel: row views, no copies
-                np.minimum(a[s], half * (a[lo[s]] + a[hi[s]]), out=a[s])
+                np.add(a[lo[s]], a[hi[s]], out=tmp)
+                tmp *= half
+                np.minimum(a[s], tmp, out=a[s])
             else:
                 np.minimum(a[s:e], half * (a[lo[s:e]] + a[hi[s:e]]), out=a[s:e])
         return v
@@ -281,6 +284,45 @@ def _sweep_blocked(v: Tensor, w: Tensor, lo_limit: int, up_limit: int) -> Tensor
     return v
 
 
+def _snip_window_numpy(spectra: Tensor, widths, a0: int, b0: int, a: int, b: int, lo_limit: int,
+                       up_limit: int, with_window: bool = False):
+    """:func:`snip_window` on the CPU with every step in place on one channel-major NumPy array
+    (the same operations in the same order as the tensor path, so the same numbers). With
+    ``with_window`` also the spectra over the window, from the same channel-major copy."""
+    lead = spectra.shape[:-1]
+    # torch's blocked transpose is several times faster than NumPy's strided copy here
+    x = spectra.detach().reshape(-1, spectra.shape[-1])[:, a0:b0].T.contiguous().numpy()  # [Cx, P]
+    n_x = x.shape[0]
+    box = np.zeros_like(x)
+    if n_x > 4:  # XRF-Maps' 5-channel mean, (x0 + x1 + x2 + x3 + x4) * 0.2; two zero channels each end
+        inner = box[2:n_x - 2]
+        np.add(x[:n_x - 4], x[1:n_x - 3], out=inner)
+        inner += x[2:n_x - 2]
+        inner += x[3:n_x - 1]
+        inner += x[4:]
+        inner *= x.dtype.type(0.2)
+    window_counts = torch.from_numpy(x[a - a0 + lo_limit:a - a0 + up_limit + 1]).T if with_window else None
+    del x
+    v = box[a - a0:b - a0]  # [C, P], contiguous rows
+    one = v.dtype.type(1.0)
+    v += one
+    np.log(v, out=v)
+    v += one
+    np.log(v, out=v)
+    vt = torch.from_numpy(v)
+    for wp in widths:
+        _sweep_blocked(vt, wp, lo_limit, up_limit)
+    out = v[lo_limit:up_limit + 1]
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.exp(out, out=out)
+        out -= one
+        np.exp(out, out=out)
+        out -= one
+    out[~np.isfinite(out)] = 0.0
+    bg = torch.from_numpy(out).T.reshape(*lead, -1)
+    return (bg, window_counts.reshape(*lead, -1)) if with_window else bg
+
+
 def snip_window(
     spectra: Tensor,
     offset: float,
@@ -289,7 +331,8 @@ def snip_window(
     width: float,
     window: tuple[int, int],
     engine: str = "auto",
-) -> Tensor:
+    with_window: bool = False,
+):
     """The XRF-Maps SNIP background over the fit window only: ``[..., last - first + 1]``.
 
     The same numbers as ``snip_background(...)[..., first:last + 1]`` (window channels only read
@@ -299,6 +342,8 @@ def snip_window(
     order); on CUDA with Triton as one kernel, a thread per spectrum (:mod:`snip_gpu`);
     elsewhere by pointer jumping (every channel in parallel). ``engine`` forces one of these
     (``"blocked"``, ``"kernel"``, ``"pointer"``; default ``"auto"``), all with the same numbers.
+    ``with_window=True`` returns ``(background, spectra over the window)``, both ``[..., Cw]`` and
+    channel-major in memory where the engine works that way (transposed views).
     """
     if engine not in ("auto", "blocked", "kernel", "pointer"):
         raise InputError(f"SNIP engine must be auto, blocked, kernel or pointer, got {engine!r}")
@@ -328,8 +373,13 @@ def snip_window(
     if engine == "kernel":  # one kernel, a thread per spectrum, over channel-major data
         x = spectra[..., a0:b0].reshape(-1, b0 - a0).T.contiguous()  # [C, P]
         sched = _gpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit, str(x.device))
-        out = snip_gpu.snip(x, a - a0, b - a, lo_limit, up_limit, sched)
-        return out.T.reshape(*lead, -1)
+        out = snip_gpu.snip(x, a - a0, b - a, lo_limit, up_limit, sched).T.reshape(*lead, -1)
+        if with_window:
+            return out, torch.as_strided(x, (x.shape[1], up_limit - lo_limit + 1), (1, x.shape[1]),
+                                         (a - a0 + lo_limit) * x.shape[1]).reshape(*lead, -1)
+        return out
+    if engine == "blocked" and spectra.device.type == "cpu" and not spectra.requires_grad:
+        return _snip_window_numpy(spectra, widths, a0, b0, a, b, lo_limit, up_limit, with_window)
     v = _boxcar5(spectra[..., a0:b0])[..., a - a0:b - a0]
     v = torch.log(torch.log(v + 1.0) + 1.0)
     if engine == "blocked":
@@ -341,5 +391,5 @@ def snip_window(
         for wp in widths:
             v = _pass_exact_shared(v, wp, lo_limit, up_limit)
     bg = torch.exp(torch.exp(v) - 1.0) - 1.0
-    bg = torch.where(torch.isfinite(bg), bg, torch.zeros_like(bg))
-    return bg[..., lo_limit:up_limit + 1]
+    bg = torch.where(torch.isfinite(bg), bg, torch.zeros_like(bg))[..., lo_limit:up_limit + 1]
+    return (bg, spectra[..., first:last + 1]) if with_window else bg
