@@ -146,6 +146,9 @@ for dtype in (torch.float32, torch.float64):
     got = snip_window(y, -0.01, 0.0125, 1e-7, 0.7, (12, 150), engine="kernel")
     tol = 1e-6 if dtype == torch.float32 else 1e-12  # the same operations; log/exp may differ in the last bit
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    for engine in ("kernel", "blocked", "pointer"):
+        bg, win = snip_window(y, -0.01, 0.0125, 1e-7, 0.7, (12, 150), engine=engine, with_window=True)
+        assert torch.equal(win, y[:, 12:151]) and bg.shape == win.shape
 print("ok")
 """
 

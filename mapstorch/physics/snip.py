@@ -375,8 +375,7 @@ def snip_window(
         sched = _gpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit, str(x.device))
         out = snip_gpu.snip(x, a - a0, b - a, lo_limit, up_limit, sched).T.reshape(*lead, -1)
         if with_window:
-            return out, torch.as_strided(x, (x.shape[1], up_limit - lo_limit + 1), (1, x.shape[1]),
-                                         (a - a0 + lo_limit) * x.shape[1]).reshape(*lead, -1)
+            return out, x[a - a0 + lo_limit:a - a0 + up_limit + 1].T.reshape(*lead, -1)
         return out
     if engine == "blocked" and spectra.device.type == "cpu" and not spectra.requires_grad:
         return _snip_window_numpy(spectra, widths, a0, b0, a, b, lo_limit, up_limit, with_window)
