@@ -229,3 +229,25 @@ def test_the_standards_own_map_quantifies_to_its_certificate(tmp_path):
         i = names.index(el)
         value, sigma = float(np.nanmedian(quant[i])), float(np.nanmedian(err[i]))
         assert abs(value - certified) <= 1.5 * sigma, (el, value, sigma)
+
+
+def test_the_maps_app_shows_quantified_maps(tmp_path):
+    import h5py
+    import numpy as np
+
+    from mapstorch.apps import mapping
+    from mapstorch.cli.main import main
+
+    folder = require_shared("xrfmaps-2ide")
+    out = tmp_path / "q.h5"
+    assert main(["map", str(folder / "mda" / "2xfm_0010.mda"), "--detector", "0", "--out", str(out), "--no-progress",
+                 "--standard-info", str(folder / "maps_standardinfo.txt")]) == 0
+    maps = mapping.read_maps(mapping.inspect_file(out))
+    assert "ug/cm2 (US_IC)" in mapping.quantities(maps)
+    images, unit = mapping.element_maps(maps, ["Fe"], "ug/cm2 (US_IC)")
+    errors, _ = mapping.uncertainty_maps(maps, ["Fe"], "relative standard error", "ug/cm2 (US_IC)")
+    with h5py.File(out) as f:
+        g = f["MAPS/XRF_Analyzed/NNLS"]
+        names = [n.decode().strip() for n in g["Channel_Names"][()]]
+        np.testing.assert_allclose(images["Fe"], g["Quantified_US_IC"][names.index("Fe")], rtol=1e-6)
+    assert unit == "ug/cm2" and np.nanmedian(errors["Fe"]) > 0.1  # the curve's 17 % misfit is in it

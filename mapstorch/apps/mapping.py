@@ -193,6 +193,8 @@ class Maps:
     parameters: dict[str, np.ndarray] = field(default_factory=dict)
     parameters_stderr: dict[str, np.ndarray] = field(default_factory=dict)
     live_time: np.ndarray | None = None
+    quantified: dict[str, np.ndarray] = field(default_factory=dict)  # normaliser -> ug/cm2 [channels, rows, cols]
+    quantified_stderr: dict[str, np.ndarray] = field(default_factory=dict)
     setup: ModelSetup | None = None
     seconds: float | None = None
     written: list[str] = field(default_factory=list)
@@ -334,13 +336,17 @@ def _maps_from_results(origin: str, path: str, routine: str, res: Mapping[str, o
                   if k.startswith("Parameter_") and k.endswith("_Stderr") and v.ndim == 2}
     status = get("Status", 2)
     iterations = get("Iterations", 2)
+    quant = {k[len("Quantified_"):]: get(k, 3) for k in extra if k.startswith("Quantified_") and not k.endswith("_Stderr")}
+    quant = {k: v for k, v in quant.items() if v is not None}
+    quant_err = {k: get(f"Quantified_{k}_Stderr", 3) for k in quant}
     return Maps(origin=origin, path=path, routine=routine, method=routine_method(routine), names=names,
                 counts_per_sec=cps, counts=get("Counts", 3), counts_stderr=get("Counts_Stderr", 3),
                 counts_per_sec_stderr=get("Counts_Per_Sec_Stderr", 3), reduced_chi2=get("Reduced_Chi2", 2),
                 iterations=None if iterations is None else np.nan_to_num(iterations).astype(np.int64),
                 status=None if status is None else np.nan_to_num(status, nan=2).astype(np.int8),
                 parameters=params, parameters_stderr=params_err,
-                live_time=None if live_time is None else np.asarray(live_time, dtype=np.float64))
+                live_time=None if live_time is None else np.asarray(live_time, dtype=np.float64),
+                quantified=quant, quantified_stderr={k: v for k, v in quant_err.items() if v is not None})
 
 
 def run_maps(path, method: str = "nnls", detector: int | str = "sum", elements: str | Sequence[str] | None = None,
@@ -475,17 +481,33 @@ def _log10(image: np.ndarray) -> np.ndarray:
         return np.where(image > 0, np.log10(np.where(image > 0, image, 1.0)), np.nan)
 
 
+def quantities(maps: Maps) -> list[str]:
+    """What the maps can show: ``counts/s``, ``counts`` and, for a quantified file (``mapstorch
+    quantify``), ``ug/cm2 (<normaliser>)``."""
+    out = ["counts/s"] + (["counts"] if maps.counts is not None else [])
+    return out + [f"ug/cm2 ({n})" for n in maps.quantified]
+
+
+def _quantity_data(maps: Maps, quantity: str, stderr: bool = False):
+    if quantity.startswith("ug/cm2 (") and quantity.endswith(")"):
+        norm = quantity[len("ug/cm2 ("):-1]
+        table = maps.quantified_stderr if stderr else maps.quantified
+        return table.get(norm), "ug/cm2"
+    if quantity not in QUANTITIES:
+        raise InputError(f"quantity must be one of {', '.join(QUANTITIES)} or ug/cm2 (<normaliser>), got {quantity!r}")
+    if quantity == "counts":
+        return (maps.counts_stderr if stderr else maps.counts), QUANTITIES[quantity]
+    return (maps.counts_per_sec_stderr if stderr else maps.counts_per_sec), QUANTITIES[quantity]
+
+
 def element_maps(maps: Maps, names: Sequence[str], quantity: str = "counts/s", log: bool = False
                  ) -> tuple[dict[str, np.ndarray], str]:
-    """``({name: image [rows, cols]}, unit)`` of the components ``names`` in ``quantity`` (a key of
-    :data:`QUANTITIES`), log10 of the values when ``log`` (non-positive values blank)."""
-    if quantity not in QUANTITIES:
-        raise InputError(f"quantity must be one of {', '.join(QUANTITIES)}, got {quantity!r}")
-    data = maps.counts_per_sec if quantity == "counts/s" else maps.counts
+    """``({name: image [rows, cols]}, unit)`` of the components ``names`` in ``quantity`` (one of
+    :func:`quantities`), log10 of the values when ``log`` (non-positive values blank)."""
+    data, unit = _quantity_data(maps, quantity)
     if data is None:
         raise InputError(f"these maps have no {quantity}")
     out = {n: np.asarray(data[maps.index(n)], dtype=np.float64) for n in names}
-    unit = QUANTITIES[quantity]
     if log:
         out = {n: _log10(v) for n, v in out.items()}
         unit = f"log10 {unit}"
@@ -498,10 +520,8 @@ def uncertainty_maps(maps: Maps, names: Sequence[str], kind: str = "standard err
     relative standard error (stderr / value; blank where the value is not positive)."""
     if kind not in UNCERTAINTIES:
         raise InputError(f"uncertainty must be one of {', '.join(UNCERTAINTIES)}, got {kind!r}")
-    if quantity == "counts":
-        err, value = maps.counts_stderr, maps.counts
-    else:
-        err, value = maps.counts_per_sec_stderr, maps.counts_per_sec
+    value, unit = _quantity_data(maps, quantity)
+    err, _ = _quantity_data(maps, quantity, stderr=True)
     if err is None or value is None:
         raise InputError("these maps have no standard errors (XRF-Maps' own files store none)")
     out = {}
@@ -513,7 +533,7 @@ def uncertainty_maps(maps: Maps, names: Sequence[str], kind: str = "standard err
             with np.errstate(divide="ignore", invalid="ignore"):
                 e = np.where(v > 0, e / np.where(v > 0, v, 1.0), np.nan)
         out[n] = e
-    return out, ("" if kind == "relative standard error" else QUANTITIES.get(quantity, ""))
+    return out, ("" if kind == "relative standard error" else unit)
 
 
 def quality_maps(maps: Maps) -> dict[str, np.ndarray]:

@@ -144,7 +144,8 @@ def _(maps):
     mo.stop(maps is None)
     element_pick = mo.ui.multiselect(options=list(maps.names), value=maps.elements or list(maps.names),
                                      label="maps of", full_width=True)
-    quantity_pick = mo.ui.dropdown(options=list(mapping.QUANTITIES), value="counts/s", label="show")
+    _shown = mapping.quantities(maps)
+    quantity_pick = mo.ui.dropdown(options=_shown, value=_shown[-1] if len(_shown) > 2 else "counts/s", label="show")
     scale_pick = mo.ui.dropdown(options=["linear", "log"], value="linear", label="colour scale")
     error_pick = mo.ui.dropdown(options=list(mapping.UNCERTAINTIES), value="standard error", label="uncertainty")
     mo.vstack([element_pick, mo.hstack([quantity_pick, scale_pick, error_pick], justify="start", gap=1.5),
