@@ -251,3 +251,38 @@ def test_the_maps_app_shows_quantified_maps(tmp_path):
         names = [n.decode().strip() for n in g["Channel_Names"][()]]
         np.testing.assert_allclose(images["Fe"], g["Quantified_US_IC"][names.index("Fe")], rtol=1e-6)
     assert unit == "ug/cm2" and np.nanmedian(errors["Fe"]) > 0.1  # the curve's 17 % misfit is in it
+
+
+def test_several_standards_average_each_elements_factor(tmp_path):
+    """As XRF-Maps: an element's factor is the mean over the standards that hold it. Two
+    descriptions of the same AXO measurement, sharing Fe, calibrate exactly as the one."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    from mapstorch.quant.apply import quantify_file
+
+    folder = require_shared("xrfmaps-2ide")
+    (tmp_path / "mda").mkdir()
+    shutil.copy(folder / "mda" / "axo_std.mda", tmp_path / "mda" / "axo_std.mda")
+    shutil.copy(folder / "maps_fit_parameters_override.txt", tmp_path / "maps_fit_parameters_override.txt")
+    two = tmp_path / "two.txt"
+    two.write_text("FILENAME: axo_std.mda\nELEMENTS_IN_STANDARD: Ca, Fe\nWEIGHT: 1.931, 0.504\n"
+                   "FILENAME: axo_std.mda\nELEMENTS_IN_STANDARD: Fe, Cu\nWEIGHT: 0.504, 0.284\n")
+    one = tmp_path / "one.txt"
+    one.write_text("FILENAME: axo_std.mda\nELEMENTS_IN_STANDARD: Ca, Fe, Cu\nWEIGHT: 1.931, 0.504, 0.284\n")
+    from mapstorch.cli.main import main
+
+    maps = tmp_path / "m.h5"
+    assert main(["map", str(folder / "mda" / "2xfm_0010.mda"), "--detector", "0", "--out", str(maps),
+                 "--no-progress"]) == 0
+    a = quantify_file(maps, one, None, detector=0, override=tmp_path / "maps_fit_parameters_override.txt")
+    b = quantify_file(maps, two, tmp_path / "q.h5", detector=0, override=tmp_path / "maps_fit_parameters_override.txt")
+    ca, cb = a.calibration["US_IC"], b.calibration["US_IC"]
+    assert cb.elements == ["Ca", "Fe", "Cu"]
+    np.testing.assert_allclose(cb.info[:, 8], ca.info[:, 8], rtol=1e-12)
+    assert cb.scale == pytest.approx(ca.scale, rel=1e-12)
+    with h5py.File(tmp_path / "q.h5") as f:
+        assert f["MAPS/Quantification/Number_Of_Standards"][0] == 2
+        assert "Standard1" in f["MAPS/Quantification"]

@@ -66,13 +66,14 @@ def quantify_after(args, maps_path, out, detector, routine=None, replace: bool =
                       normaliser=args.normalize, routine=routine, override=getattr(args, "override", None),
                       detector=detector, tables=tables, line_source=source, direct=args.direct, replace=replace)
     cal = r.calibration[r.normaliser]
-    lines = [f"standard    {r.calibration.measurement.standard.file} ({r.routine}, detector {detector}, lines from "
+    stds = [ms.standard for ms in r.calibration.measurements]
+    lines = [f"standard    {', '.join(st.file for st in stds)} ({r.routine}, detector {detector}, lines from "
              f"{r.calibration.tables})",
              f"calibration against {r.normaliser}: scale {cal.scale:.6g} +- {cal.scale_stderr:.2g}, physics misfit "
              f"{100 * cal.misfit:.1f} % (relative error of the curve {100 * cal.relative_error():.1f} %)",
              f"{'element':<8} {'certified':>10} {'recovered':>10} {'+-':>8}   (the standard quantified with the curve)"]
     for el, (value, err) in cal.recovered().items():
-        w = r.calibration.measurement.standard.weights[el]
+        w = next(st.weights[el] for st in stds if el in st.weights)
         lines.append(f"{el:<8} {w:10.4g} {value:10.4g} {err:8.2g}")
     lines.append(f"{'channel':<8} {'median ug/cm2':>14} {'median stderr':>14}")
     for name, (value, err) in r.maps.items():

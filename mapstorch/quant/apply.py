@@ -65,31 +65,30 @@ def _labels() -> np.ndarray:
     return np.array([[n if s == "K" else f"{n}_{s}"[:9] for n in names] for s in SHELLS], dtype="S50")
 
 
-def _write(path: Path, result: QuantResult, counts_per_sec: dict[str, float], channel_names: list[str],
-           rows: int, cols: int) -> None:
+def _write(path: Path, result: QuantResult, channel_names: list[str], rows: int, cols: int) -> None:
     import h5py
 
     cal, routine = result.calibration, result.routine
-    meas = cal.measurement
-    std = meas.standard
     with h5py.File(path, "a") as f:
         maps = f.require_group("MAPS")
         if "Quantification" in maps:
             del maps["Quantification"]
         q = maps.create_group("Quantification")
-        q.create_dataset("Number_Of_Standards", data=np.array([1], np.int32))
-        s0 = q.create_group("Standard0")
-        s0.create_dataset("Standard_Name", data=np.array([Path(std.file).name], dtype="S256"))
-        s0.create_dataset("Element_Weights", data=np.array(list(std.weights.values()), np.float64))
-        s0.create_dataset("Element_Weights_Names", data=np.array(list(std.weights), dtype="S256"))
-        sc = s0.create_group("Scalers")
-        for n, v in meas.normalisers.items():
-            sc.create_dataset(n, data=np.array([v], np.float64))
-        g = s0.create_group("XRF_Analyzed").create_group(routine)
-        names = list(counts_per_sec)
-        g.create_dataset("Channel_Names", data=np.array(names, dtype="S256"))
-        g.create_dataset("Channel_Units", data=np.array(["cts/s"] * len(names), dtype="S256"))
-        g.create_dataset("Counts_Per_Sec", data=np.array(list(counts_per_sec.values()), np.float64))
+        q.create_dataset("Number_Of_Standards", data=np.array([len(cal.measurements)], np.int32))
+        for k, meas in enumerate(cal.measurements):
+            std = meas.standard
+            s0 = q.create_group(f"Standard{k}")
+            s0.create_dataset("Standard_Name", data=np.array([Path(std.file).name], dtype="S256"))
+            s0.create_dataset("Element_Weights", data=np.array(list(std.weights.values()), np.float64))
+            s0.create_dataset("Element_Weights_Names", data=np.array(list(std.weights), dtype="S256"))
+            sc = s0.create_group("Scalers")
+            for n, v in meas.normalisers.items():
+                sc.create_dataset(n, data=np.array([v], np.float64))
+            g = s0.create_group("XRF_Analyzed").create_group(routine)
+            names = list(meas.counts_per_sec)
+            g.create_dataset("Channel_Names", data=np.array(names, dtype="S256"))
+            g.create_dataset("Channel_Units", data=np.array(["cts/s"] * len(names), dtype="S256"))
+            g.create_dataset("Counts_Per_Sec", data=np.array(list(meas.counts_per_sec.values()), np.float64))
         c = q.create_group("Calibration").create_group(routine)
         c.create_dataset("Calibration_Curve_Labels", data=_labels())
         for n, nc in cal.by_normaliser.items():
@@ -117,7 +116,8 @@ def _write(path: Path, result: QuantResult, counts_per_sec: dict[str, float], ch
 def quantify_file(maps_path, standards_path, out=None, *, standard_file=None, normaliser: str = "US_IC",
                   routine: str | None = None, override=None, detector: int | str = "sum", tables=None,
                   line_source=None, direct: bool = False, replace: bool = False) -> QuantResult:
-    """Quantify the maps in ``maps_path`` with the first standard of ``standards_path``
+    """Quantify the maps in ``maps_path`` with the standards of ``standards_path`` (several:
+    each element's factor is averaged over the standards that hold it, as XRF-Maps)
     (module docstring); ``out`` (default: none written) gets a copy with the results (``out``
     may be the maps file itself only with ``replace``: it is then replaced when complete)."""
     from mapstorch.io import open_dataset, override_beside, read_override, read_xrfmaps_results
@@ -129,11 +129,15 @@ def quantify_file(maps_path, standards_path, out=None, *, standard_file=None, no
     maps_path = Path(maps_path)
     standards = read_standards(standards_path)
     std = standards[0]
-    notes = [f"{len(standards) - 1} further standard(s) in {standards_path} not used"] if len(standards) > 1 else []
+    notes = []
     if standard_file is not None:
+        if len(standards) > 1:
+            raise InputError(f"{standards_path} describes {len(standards)} standards: their files come from it, "
+                             "not from --standard")
         std.file = str(standard_file)
-    if not Path(std.file).is_file():
-        raise InputError(f"the standard's data file {std.file} does not exist; give it with --standard")
+    for st in standards:
+        if not Path(st.file).is_file():
+            raise InputError(f"the standard's data file {st.file} does not exist; give it with --standard")
     if normaliser not in NORMALISERS:
         low = {k.lower(): k for k in NORMALISERS}
         if normaliser.lower() not in low:
@@ -155,8 +159,9 @@ def quantify_file(maps_path, standards_path, out=None, *, standard_file=None, no
         raise InputError("no override file found beside the maps or the standard: give --override")
     ovr = read_override(found) if not hasattr(found, "parameters") else found
     geometry = Geometry.from_override(ovr)
-    measurement = measure_standard(std, ovr, method=method, detector=detector, line_source=line_source)
-    cal = calibrate(measurement, geometry, tables)
+    measurements = [measure_standard(st, ovr, method=method, detector=detector, line_source=line_source)
+                    for st in standards]
+    cal = calibrate(measurements, geometry, tables)
     if normaliser not in cal.by_normaliser:
         raise InputError(f"the standard {std.file} records no {normaliser}; it has {', '.join(cal.by_normaliser)}")
     res = results[routine]
@@ -185,7 +190,7 @@ def quantify_file(maps_path, standards_path, out=None, *, standard_file=None, no
         tmp = Path(temporary_beside(target))
         try:
             shutil.copyfile(maps_path, tmp)
-            _write(tmp, result, measurement.counts_per_sec, names, rows, cols)
+            _write(tmp, result, names, rows, cols)
             tmp.replace(target)
         except BaseException:
             tmp.unlink(missing_ok=True)

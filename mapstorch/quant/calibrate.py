@@ -82,13 +82,18 @@ class NormaliserCalibration:
 
 @dataclass
 class Calibration:
-    """Calibration of one standard measurement against every normaliser it records."""
+    """Calibration of one or more standard measurements against every normaliser they record."""
 
-    measurement: StandardMeasurement
+    measurements: list[StandardMeasurement]
     geometry: Geometry
     tables: str
     by_normaliser: dict[str, NormaliserCalibration]
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def measurement(self) -> StandardMeasurement:
+        """The first standard's measurement."""
+        return self.measurements[0]
 
     def __getitem__(self, normaliser: str) -> NormaliserCalibration:
         try:
@@ -98,33 +103,54 @@ class Calibration:
                              f"{', '.join(self.by_normaliser) or 'no normaliser'}") from None
 
 
-def calibrate(measurement: StandardMeasurement, geometry: Geometry, tables=None) -> Calibration:
-    """Fit the calibration curve to a measured standard (module docstring)."""
+def calibrate(measurement, geometry: Geometry, tables=None) -> Calibration:
+    """Fit the calibration curve to one measured standard, or to several (a list): as XRF-Maps,
+    an element's factor is then the mean over the standards that hold it (module docstring)."""
     from mapstorch.quant.physics import XraylibTables
 
+    measurements = list(measurement) if isinstance(measurement, (list, tuple)) else [measurement]
+    if not measurements:
+        raise InputError("no measured standard to calibrate with")
     tables = tables or XraylibTables()
-    std = measurement.standard
-    elements = [el for el in std.weights if el in measurement.counts_per_sec]
+    elements: list[str] = []
+    for ms in measurements:
+        elements += [el for el in ms.standard.weights if el in ms.counts_per_sec and el not in elements]
     terms = {el: element_terms(tables, shell_of(el)[0], shell_of(el)[1], geometry) for el in elements}
     m = np.array([model_value(terms[el]) for el in elements])
-    usable = [i for i, el in enumerate(elements) if m[i] > 0 and measurement.counts_per_sec[el] > 0]
+    counted = {el: any(ms.counts_per_sec.get(el, 0.0) > 0 for ms in measurements) for el in elements}
+    usable = [i for i, el in enumerate(elements) if m[i] > 0 and counted[el]]
     notes = []
     for i, el in enumerate(elements):
         if i not in usable:
             notes.append(f"{el}: no counts in the standard or no physics value at {geometry.incident_energy:g} keV; "
                          "left out of the fit of the curve")
     if not usable:
-        raise InputError(f"{std.file}: none of the standard's elements ({', '.join(std.weights)}) was measured "
-                         "with counts; check the standard's file and elements")
+        names = ", ".join(ms.standard.file for ms in measurements)
+        raise InputError(f"{names}: none of the standard's elements ({', '.join(elements)}) was measured with "
+                         "counts; check the standard's file and elements")
     shape = curve_values(tables, geometry)
+    common = set.intersection(*(set(ms.normalisers) for ms in measurements))
     out = {}
-    for norm, s_std in measurement.normalisers.items():
-        cps = np.array([measurement.counts_per_sec[el] for el in elements])
-        cps_err = np.array([measurement.counts_per_sec_stderr.get(el, math.nan) for el in elements])
-        w = np.array([std.weights[el] for el in elements])
-        w_err = np.array([std.uncertainty.get(el, 0.0) for el in elements])
-        e = cps / (w * s_std)
-        e_rel = np.hypot(np.nan_to_num(cps_err / cps, nan=0.0), w_err / w)
+    for norm in [n for n in measurements[0].normalisers if n in common]:
+        e = np.zeros(len(elements))
+        e_err = np.zeros(len(elements))
+        w = np.zeros(len(elements))
+        for i, el in enumerate(elements):
+            values, errors = [], []
+            for ms in measurements:
+                if el not in ms.standard.weights or ms.counts_per_sec.get(el, 0.0) <= 0:
+                    continue
+                weight = ms.standard.weights[el]
+                cps = ms.counts_per_sec[el]
+                rel = math.hypot(ms.counts_per_sec_stderr.get(el, 0.0) / cps if math.isfinite(
+                    ms.counts_per_sec_stderr.get(el, math.nan)) else 0.0, ms.standard.uncertainty.get(el, 0.0) / weight)
+                values.append(cps / (weight * ms.normalisers[norm]))
+                errors.append(values[-1] * rel)
+                w[i] = w[i] or weight
+            if values:
+                e[i] = float(np.mean(values))
+                e_err[i] = float(np.sqrt(np.sum(np.square(errors)))) / len(values)
+        e_rel = np.where(e > 0, e_err / np.where(e > 0, e, 1.0), 0.0)
         r = e[usable] / m[usable]
         p = float((r * r).sum() / r.sum())
         # delta method: dp/dr_i = (2 r_i sum r - sum r^2) / (sum r)^2
@@ -137,10 +163,14 @@ def calibrate(measurement: StandardMeasurement, geometry: Geometry, tables=None)
             t = terms[el]
             info[i] = [w[i], t["absorption"], t["transmission_Be"], t["transmission_Ge"], t["yield"],
                        t["transmission_through_Si_detector"], t["transmission_through_air"], t["Z"], e[i], p * m[i]]
-        out[norm] = NormaliserCalibration(norm, s_std, p, p_err, misfit, p * shape, elements, info, e * e_rel)
+        s_std = float(np.mean([ms.normalisers[norm] for ms in measurements]))
+        out[norm] = NormaliserCalibration(norm, s_std, p, p_err, misfit, p * shape, elements, info, e_err)
+    if not out:
+        raise InputError("the standards record no normaliser in common (US_IC, DS_IC, SR_Current)")
     if len(usable) < 2:
         notes.append("one standard element: the curve's scale rests on it alone and its physics misfit is unknown")
-    return Calibration(measurement, geometry, getattr(tables, "name", "?"), out, notes + list(measurement.notes))
+    return Calibration(measurements, geometry, getattr(tables, "name", "?"), out,
+                       notes + [n for ms in measurements for n in ms.notes])
 
 
 def quantify(counts_per_sec: np.ndarray, normaliser_map: np.ndarray, calibration: NormaliserCalibration, name: str,
