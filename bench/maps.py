@@ -155,7 +155,9 @@ def _peak_rss(path: Path, calibration: np.ndarray, ps, threads: int) -> tuple[fl
     rss_kb = float(out.stdout.strip().splitlines()[-1])
     with h5py.File(path, "r") as f:
         rows, cols, chans = f["spectra"].shape
-    chunk_rows = max(1, 8192 // cols)
+    from mapstorch.maps.fit import default_chunk_rows
+
+    chunk_rows = default_chunk_rows(cols)
     return rss_kb / 1024.0, chunk_rows * cols * chans * 4 / 1e6
 
 

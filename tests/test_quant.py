@@ -22,9 +22,10 @@ def test_read_our_json_with_units_and_uncertainty(tmp_path):
     (tmp_path / "std.mda").write_bytes(b"")
     path = tmp_path / "std.json"
     path.write_text(json.dumps({"name": "film", "file": "std.mda", "units": "ng/mm2",
-                                "elements": {"Fe": 5.04, "Pb": 10.0}, "uncertainty": {"Fe": 0.2}}))
+                                "elements": {"Fe": 5.04, "pb_l": 10.0}, "uncertainty": {"Fe": 0.2}}))
     (std,) = read_standards(path)
-    assert std.weights == pytest.approx({"Fe": 0.504, "Pb": 1.0})  # 1 ng/mm2 = 0.1 ug/cm2
+    # 1 ng/mm2 = 0.1 ug/cm2; Pb measured by its L lines keeps XRF-Maps' family name
+    assert std.weights == pytest.approx({"Fe": 0.504, "Pb_L": 1.0})
     assert std.uncertainty == pytest.approx({"Fe": 0.02})
     assert std.file == str(tmp_path / "std.mda")
 
@@ -33,6 +34,7 @@ def test_read_our_json_with_units_and_uncertainty(tmp_path):
     ("FILENAME: a.mda\nELEMENTS_IN_STANDARD: Ca, Fe\nWEIGHT: 1.0\n", "2 element"),
     ("FILENAME: a.mda\nELEMENTS_IN_STANDARD: Ca, Xx\nWEIGHT: 1.0, 2.0\n", "Xx"),
     ("FILENAME: a.mda\nELEMENTS_IN_STANDARD: Ca\nWEIGHT: -1\n", "positive"),
+    ("FILENAME: a.mda\nELEMENTS_IN_STANDARD: Si_Cl\nWEIGHT: 1\n", "pile-up"),
     ("FILENAME: a.mda\nWEIGHT: 1\n", "ELEMENTS_IN_STANDARD"),
     ("ELEMENTS_IN_STANDARD: Ca\n", "FILENAME"),
     ("nothing here\n", "FILENAME"),
@@ -286,3 +288,19 @@ def test_several_standards_average_each_elements_factor(tmp_path):
     with h5py.File(tmp_path / "q.h5") as f:
         assert f["MAPS/Quantification/Number_Of_Standards"][0] == 2
         assert "Standard1" in f["MAPS/Quantification"]
+
+
+def test_an_l_family_in_the_standard_is_calibrated_on_the_l_curve():
+    """A standard element measured by its L lines (``Pb_L``) is fitted as ``Pb_L`` and sits on
+    the L curve; at 10 keV the Pb K shell is not excited at all."""
+    from mapstorch.quant.calibrate import calibrate
+    from mapstorch.quant.measure import StandardMeasurement
+    from mapstorch.quant.physics import Geometry
+    from mapstorch.quant.standards import Standard
+
+    std = Standard("film", "x.mda", {"Fe": 0.5, "Pb_L": 1.0})
+    m = StandardMeasurement(std, "nnls", "sum", {"Fe": 500.0, "Pb_L": 300.0}, {"Fe": 1.0, "Pb_L": 1.0},
+                            {"US_IC": 1e5}, 100.0, 121)
+    c = calibrate(m, Geometry(incident_energy=15.0))["US_IC"]
+    assert c.elements == ["Fe", "Pb_L"] and all(c.info[:, 9] > 0)  # both on the curve, both in the fit
+    assert c.factor("Pb_L") == pytest.approx(c.curve[1, 81]) and c.factor("Pb") == c.curve[0, 81] == 0.0

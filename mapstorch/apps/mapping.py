@@ -33,9 +33,6 @@ QUANTITIES = {"counts/s": "cts/s", "counts": "counts"}
 UNCERTAINTIES = ("standard error", "relative standard error")
 #: ``/MAPS/XRF_Analyzed`` routine -> our map method (XRF-Maps' own ``Fitted`` keeps the shape fixed).
 _ROUTINE_METHODS = {"NNLS": "nnls", "Poisson": "poisson", "Fitted": "nonlinear"}
-#: Rows per chunk in ``fit_map`` on the CPU: about this many pixels (the Poisson background shape
-#: is the SNIP of a chunk's summed spectrum, so rebuilding it needs the same rows).
-_CHUNK_PIXELS = 4096
 
 
 # ----------------------------------------------------------------------------- what a file offers
@@ -261,41 +258,26 @@ def routine_method(routine: str) -> str:
 
 
 def _chunk_rows(cols: int) -> int:
-    return max(1, _CHUNK_PIXELS // max(cols, 1))
+    """Rows per chunk of ``fit_map`` on the CPU (the Poisson background shape is the SNIP of a
+    chunk's summed spectrum, so rebuilding it needs the same rows)."""
+    from mapstorch.maps.fit import default_chunk_rows
+
+    return default_chunk_rows(cols, "poisson")
 
 
 def _model_parameters(components: Sequence[str], override=None, stored: Mapping[str, float] | None = None,
                       calibration=None):
-    """(ParameterSet, LineTable) as ``fit_map`` builds them: defaults for ``components``, updated
-    from the override file (values, bounds; its line adjustments and detector in the table), then
-    ``stored`` MAPS values; the data file's ``calibration`` when neither gives one."""
+    """(ParameterSet, LineTable) as ``fit_map`` builds them (the same function), then updated
+    with the ``stored`` MAPS values; the data file's ``calibration`` when neither gives one."""
     import warnings
 
-    from mapstorch.parameters import ParameterSet
-    from mapstorch.physics.lines import build_line_table
+    from mapstorch.fit.spectrum import _parameter_set
 
-    ps = ParameterSet.default(list(components), preset="2")
-    given_cal = False
     with warnings.catch_warnings():  # bounds widened to hold a value: harmless, nothing is fitted here
         warnings.simplefilter("ignore")
-        if override is not None:
-            values = dict(override.parameters)
-            values.update({f"{k}_MIN": v for k, v in override.lower.items()})
-            values.update({f"{k}_MAX": v for k, v in override.upper.items()})
-            ps = ps.with_maps_values(values)
-            given_cal = "ENERGY_SLOPE" in override.parameters
+        ps, table, _ = _parameter_set(list(components), override, "2", None, calibration)
         if stored:
             ps = ps.with_maps_values(dict(stored))
-            given_cal = given_cal or "ENERGY_SLOPE" in stored
-    if override is not None:
-        table = build_line_table(list(components), detector=override.detector,
-                                 branching=override.branching_factors(), width_multipliers=override.width_multipliers)
-    else:
-        table = build_line_table(list(components))
-    if calibration is not None and not given_cal:
-        off, slope, quad = (float(c) for c in calibration)
-        if slope > 0:
-            ps = ps.with_maps_values({"ENERGY_OFFSET": off, "ENERGY_SLOPE": slope, "ENERGY_QUADRATIC": quad})
     return ps, table
 
 
@@ -388,7 +370,10 @@ def run_maps(path, method: str = "nnls", detector: int | str = "sum", elements: 
         results = result.xrfmaps_results()
         written = []
         if target is not None:
-            written = [str(p) for p in write_xrfmaps_h5(target, ds, override=base, results=results)]
+            # as `mapstorch map`: one detector's maps go with that detector's spectra and override
+            source = ds if detector == "sum" else ds.select([int(detector)])
+            written = [str(p) for p in write_xrfmaps_h5(target, source, override=ovr if detector != "sum" else base,
+                                                        results=results)]
         dets = list(range(ds.detectors)) if detector == "sum" else [int(detector)]
         comps = [n for n in result.names if n not in SCATTER]
         ps, table = _model_parameters(comps, ovr, calibration=ds.calibration[dets[0]])
@@ -601,8 +586,8 @@ class PixelFit:
 
 def _amplitudes(maps: Maps, idx: Sequence[int], row: int, col: int, unit: np.ndarray) -> np.ndarray:
     """The model amplitudes ``[K + 2]`` of the channels ``idx`` at one pixel: ``counts / unit``
-    where the counts inside the window are stored (``unit = D.sum(0)``: counts per unit
-    amplitude), else ``Counts_Per_Sec x live time`` (XRF-Maps' counts/s are amplitudes per second)."""
+    where the counts inside the window are stored (``unit``: counts per unit amplitude, escape
+    not counted), else ``Counts_Per_Sec x live time`` (XRF-Maps' counts/s are amplitudes per second)."""
     idx = list(idx)
     if maps.counts is not None and np.all(np.isfinite(maps.counts[idx, row, col])):
         counts = np.asarray(maps.counts[idx, row, col], dtype=np.float64)
@@ -666,8 +651,10 @@ def pixel_fit(maps: Maps, row: int, col: int) -> PixelFit:
     y = torch.from_numpy(block[row - first_row, col])
     yw = y[window.slice()]
     with torch.no_grad():
-        design = model.design_matrix(theta)  # [C, K + 2]
-        amps = torch.from_numpy(_amplitudes(maps, comp_idx, row, col, design.sum(0).numpy()))
+        # as fit_map: no escape peaks in the nnls design; counts per unit amplitude never count them
+        design = model.design_matrix(theta, with_escape=setup.method != "nnls")  # [C, K + 2]
+        unit = model.counts(theta, torch.ones(design.shape[1], dtype=torch.float64))
+        amps = torch.from_numpy(_amplitudes(maps, comp_idx, row, col, unit.numpy()))
         if poisson:
             summed = torch.from_numpy(block.sum((0, 1)))[None]
             shape = snip_window(summed, off, slope, quad, width, (window.first, window.last))[0]

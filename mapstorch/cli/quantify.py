@@ -99,6 +99,9 @@ def run_quantify(args: argparse.Namespace) -> int:
     if not maps.is_file():
         raise InputError(f"{maps}: no such maps file")
     out = Path(args.out) if args.out else maps.with_name(f"{maps.name.split('.')[0]}_quantified.h5")
-    detector = args.detector if args.detector == "sum" else int(args.detector)
+    try:
+        detector = args.detector if args.detector == "sum" else int(args.detector)
+    except ValueError:
+        raise InputError(f"--detector {args.detector}: give 'sum' or a detector index") from None
     sys.stdout.write("\n".join(quantify_after(args, maps, out, detector, args.routine)) + "\n")
     return 0

@@ -41,7 +41,7 @@ from mapstorch.maps import solvers
 from mapstorch.physics.model import SpectrumModel, fit_window
 from mapstorch.physics.snip import snip_window
 
-__all__ = ["fit_map", "MapResult", "METHODS", "STATUS_CODES", "DEFAULT_PARAMETER_MAPS"]
+__all__ = ["fit_map", "MapResult", "METHODS", "STATUS_CODES", "DEFAULT_PARAMETER_MAPS", "default_chunk_rows"]
 
 METHODS = ("nnls", "poisson", "nonlinear")
 #: Shape parameters the nonlinear method refits per pixel unless told otherwise.
@@ -50,6 +50,14 @@ STATUS_CODES = {0: "converged", 1: "max-iterations", 2: "non-finite"}
 
 #: ``progress(pixels_done, pixels_total)``
 Progress = Callable[[int, int], None]
+
+
+def default_chunk_rows(cols: int, method: str = "nnls", device: str | torch.device = "cpu") -> int:
+    """Rows per chunk when none are given: about 8192 pixels (512 for ``nonlinear``) on the CPU,
+    16 times more on a GPU. The Poisson method's background shape is per chunk, so whoever
+    rebuilds a pixel's model needs the same rows."""
+    per_chunk = (512 if method == "nonlinear" else 8192) * (16 if torch.device(device).type == "cuda" else 1)
+    return max(1, per_chunk // max(cols, 1))
 
 
 @dataclass
@@ -273,8 +281,7 @@ def fit_map(
         nl = {"model": model, "theta": theta, "free": torch.tensor(idx, device=device), "lower": lo, "upper": hi,
               "steps": 1e-3 * span}
     if chunk_rows is None:
-        per_chunk = (512 if method == "nonlinear" else 8192) * (16 if device.type == "cuda" else 1)
-        chunk_rows = max(1, per_chunk // max(cols, 1))
+        chunk_rows = default_chunk_rows(cols, method, device)
     if chunk_rows < 1:
         raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
     live = None

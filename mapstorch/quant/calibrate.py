@@ -180,13 +180,10 @@ def quantify(counts_per_sec: np.ndarray, normaliser_map: np.ndarray, calibration
     positive normaliser, and elements the curve does not cover, are NaN."""
     factor = calibration.factor(name)
     rel_curve = calibration.relative_error()
-    if direct:
-        z, shell = shell_of(name)
-        base = name if shell == "K" else None
-        if base in calibration.elements:
-            i = calibration.elements.index(base)
-            factor = float(calibration.info[i, 8])
-            rel_curve = float(calibration.measured_stderr[i] / factor) if factor > 0 else math.nan
+    if direct and name in calibration.elements:  # the standard's own measured factor
+        i = calibration.elements.index(name)
+        factor = float(calibration.info[i, 8])
+        rel_curve = float(calibration.measured_stderr[i] / factor) if factor > 0 else math.nan
     cps = np.asarray(counts_per_sec, dtype=np.float64)
     norm = np.asarray(normaliser_map, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

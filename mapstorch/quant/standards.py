@@ -2,6 +2,9 @@
 
 Two forms are read:
 
+Elements are named as fit components: ``Fe`` is measured by its K lines, ``Pb_L`` / ``Au_M`` by
+their L / M lines (as XRF-Maps names them).
+
 * XRF-Maps' ``maps_standardinfo.txt``: lines ``FILENAME: <data file>``,
   ``ELEMENTS_IN_STANDARD: Ca, Fe, Cu`` and ``WEIGHT: 1.931, 0.504, 0.284`` (ug/cm2); lines that
   begin with whitespace are comments. Several standards may follow one another, each starting
@@ -56,9 +59,9 @@ def _element(name: str, where: str) -> str:
         comp = parse_component(name)
     except Exception as exc:  # noqa: BLE001 -- an ElementError with its own message
         raise InputError(f"{where}: {exc}") from None
-    if comp.is_pileup or comp.shell != "K" and "_" in name:
-        raise InputError(f"{where}: give plain element symbols (Ca, Fe, Pb), not {name!r}")
-    return comp.element
+    if comp.is_pileup:
+        raise InputError(f"{where}: {name!r} is a pile-up, not an element of the standard")
+    return comp.name  # "Fe" (K lines), or "Pb_L" / "Au_M": the family measured, as XRF-Maps names them
 
 
 def _weights(names, values, where: str) -> dict[str, float]:
