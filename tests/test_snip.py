@@ -15,8 +15,9 @@ from mapstorch.errors import InputError
 from mapstorch.physics.snip import snip_background, snip_widths, snip_window
 
 
-def snip_literal(spec, off, slope, quad, width, xmin, xmax):
-    """XRF-Maps' snip_background written out channel by channel (reference)."""
+def snip_literal(spec, off, slope, quad, width, xmin, xmax, sequential=True):
+    """XRF-Maps' snip_background written out channel by channel (reference). ``sequential=False``
+    makes every sweep read the values from before the sweep (not XRF-Maps: a foil for tests)."""
     n = len(spec)
     c = np.arange(n, dtype=np.float64)
     e = off + c * slope + c * c * quad
@@ -29,10 +30,11 @@ def snip_literal(spec, off, slope, quad, width, xmin, xmax):
     lo_l, up_l = max(int(xmin), 0), min(int(xmax), n - 1)
 
     def sweep():
+        src = v if sequential else v.copy()
         for k in range(n):
             lo = min(max(int(k - cw[k]), lo_l), up_l)
             hi = min(int(k + cw[k]), up_l)
-            t = (v[lo] + v[hi]) / 2.0
+            t = (src[lo] + src[hi]) / 2.0
             if v[k] > t:
                 v[k] = t
 
@@ -173,3 +175,199 @@ def test_snip_engines_agree():
     torch.testing.assert_close(ptr, ref, rtol=1e-12, atol=1e-10)
     with pytest.raises(InputError, match="engine"):
         snip_window(y, -0.01, 0.0125, 1e-7, 0.7, (20, 280), engine="fast")
+
+
+# --- the compiled CPU engine (numba): bit for bit the blocked NumPy engine -----------------------
+
+CAL = (-0.01, 0.0125, 1e-7, 0.7)
+
+
+def peaked_spectra(shape, dtype, seed=0):
+    """Poisson counts ``[..., C]`` over a falling continuum with a few peaks (the clipping matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    c = torch.arange(n, dtype=torch.float64)
+    mean = 30 * torch.exp(-c / (0.6 * n)) + 2
+    for amp, cen, wid in ((400, 0.25, 4), (2000, 0.5, 6), (150, 0.8, 5)):
+        mean = mean + amp * torch.exp(-0.5 * ((c - cen * n) / wid) ** 2)
+    scale = torch.rand(*shape[:-1], 1, generator=gen, dtype=torch.float64) + 0.5
+    return torch.poisson(mean * scale, generator=gen).to(dtype)
+
+
+def assert_same_bits(got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,window", [
+    ((1, 400), (30, 380)),
+    ((400,), (0, 399)),            # no batch dimension; the window is the whole spectrum
+    ((37, 400), (2, 397)),          # fewer spectra than a chunk
+    ((300, 400), (1, 398)),         # a chunk of 256 (float32) / 176 (float64) spectra and a part chunk
+    ((2, 3, 5, 400), (120, 399)),   # leading dimensions; window at the spectrum's last channel
+    ((300, 1100), (0, 1099)),       # chunks of 128 (float32) / 64 (float64) spectra and a part chunk
+    ((33, 1100), (600, 600)),       # a one-channel window
+])
+def test_compiled_engine_equals_blocked_bit_for_bit(shape, window, dtype):
+    y = peaked_spectra(shape, dtype)
+    want, want_counts = snip_window(y, *CAL, window, engine="blocked", with_window=True)
+    got, got_counts = snip_window(y, *CAL, window, engine="compiled", with_window=True)
+    assert_same_bits(got, want)
+    assert_same_bits(got_counts, want_counts)
+    assert torch.equal(got_counts, y[..., window[0]:window[1] + 1])
+    assert_same_bits(snip_window(y, *CAL, window, engine="compiled"), want)
+    # channel-major memory, as the blocked engine's (the map fit works on [Cw, P])
+    flat = got.reshape(-1, got.shape[-1])
+    assert flat.T.is_contiguous() and got_counts.reshape(-1, got.shape[-1]).T.is_contiguous()
+
+
+def test_compiled_engine_odd_inputs_match_blocked():
+    """Non-contiguous and integer spectra, and counts that make the log transform non-finite
+    (NaN, infinity, below -1): the same numbers as the blocked engine."""
+    y = peaked_spectra((50, 600), torch.float64)
+    wide = torch.cat([y, y], dim=1)[:, 100:700]  # rows 1200 apart: not contiguous
+    window = (40, 560)
+    assert_same_bits(snip_window(wide, *CAL, window, engine="compiled"),
+                     snip_window(wide, *CAL, window, engine="blocked"))
+    ints = y.to(torch.int64)
+    assert_same_bits(snip_window(ints, *CAL, window, engine="compiled"),
+                     snip_window(ints, *CAL, window, engine="blocked"))
+    bad = y.float().clone()
+    bad[0, 300] = float("nan")
+    bad[1, 200] = float("inf")
+    bad[2, 100:110] = -5.0
+    bad[3, 50] = -0.75
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = snip_window(bad, *CAL, window, engine="blocked")
+    got = snip_window(bad, *CAL, window, engine="compiled")
+    assert_same_bits(got, want)
+    assert bool(torch.isfinite(got).all())
+
+
+def test_compiled_engine_is_sequential_like_xrfmaps():
+    """XRF-Maps' sweep is in place: channel c reads the already-clipped values to its left. A
+    sweep that reads the old values everywhere gives different numbers; the compiled engine gives
+    XRF-Maps' (the literal loop) and the blocked engine's, exactly."""
+    spec = synthetic()
+    window = (105, 1150)
+    off, slope, quad, width = -0.0042, 0.00952, 0.0, 0.5
+    seq = snip_literal(spec, off, slope, quad, width, *window)[window[0]:window[1] + 1]
+    jacobi = snip_literal(spec, off, slope, quad, width, *window, sequential=False)[window[0]:window[1] + 1]
+    assert np.abs(seq - jacobi).max() > 1.0  # the order matters here
+    y = torch.tensor(spec)
+    got = snip_window(y, off, slope, quad, width, window, engine="compiled")
+    assert np.allclose(got.numpy(), seq, rtol=1e-12, atol=1e-10)
+    assert not np.allclose(got.numpy(), jacobi, rtol=1e-6, atol=1e-3)
+    assert_same_bits(got, snip_window(y, off, slope, quad, width, window, engine="blocked"))
+
+
+def test_compiled_engine_same_bits_on_any_thread_count():
+    from mapstorch.physics import snip as snip_mod
+    from mapstorch.physics import snip_cpu
+
+    y = peaked_spectra((700, 500), torch.float32, seed=4)
+    window = (10, 480)
+    ref = snip_window(y, *CAL, window, engine="blocked")
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert_same_bits(snip_window(y, *CAL, window, engine="compiled"), ref)
+    finally:
+        torch.set_num_threads(before)
+    # the module's own entry point, with more threads than chunks
+    w = snip_widths(500, *CAL, dtype=torch.float32).reshape(-1)
+    assert snip_cpu.chunk_size(471, 4) == 256
+    a, b = 8, 483
+    widths = [w[a:b]] * 2
+    wp, top = w[a:b], float(w.max())
+    while top >= 0.5:
+        widths.append(wp)
+        wp, top = wp / math.sqrt(2.0), top / math.sqrt(2.0)
+    steps = snip_mod._cpu_schedule(tuple(snip_mod._w_key(v) for v in widths), b - a, window[0] - a, window[1] - a)
+    out, counts = snip_cpu.snip_window_cpu(np.ascontiguousarray(y.numpy()), *window, steps, True, 8)
+    assert np.array_equal(out.T, ref.numpy()) and np.array_equal(counts.T, y[:, 10:481].numpy())
+
+
+def test_auto_engine_uses_compiled_on_the_cpu(monkeypatch):
+    pytest.importorskip("numba", reason="numba is a core dependency; without it auto uses the blocked engine")
+    from mapstorch.physics import snip as snip_mod
+
+    calls = []
+    real = snip_mod._snip_window_compiled
+    monkeypatch.setattr(snip_mod, "_snip_window_compiled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = peaked_spectra((20, 300), torch.float32)
+    got = snip_window(y, *CAL, (20, 280))
+    assert calls == [1]
+    assert_same_bits(got, snip_window(y, *CAL, (20, 280), engine="blocked"))
+    # a spectrum that needs a gradient stays off the compiled engine under auto
+    snip_window(y.double().requires_grad_(), *CAL, (20, 280), engine="pointer")
+    assert calls == [1]
+
+
+def test_auto_engine_without_numba_uses_blocked(monkeypatch):
+    from mapstorch.physics import snip as snip_mod
+
+    monkeypatch.setattr(snip_mod, "_snip_cpu", lambda: "ImportError: No module named 'numba'")
+    monkeypatch.setattr(snip_mod, "_snip_window_compiled", lambda *a, **k: pytest.fail("compiled engine used"))
+    y = peaked_spectra((4, 300), torch.float64)
+    snip_window(y, *CAL, (20, 280))
+    with pytest.raises(InputError, match="numba"):
+        snip_window(y, *CAL, (20, 280), engine="compiled")
+
+
+def test_auto_engine_falls_back_when_compiled_fails(monkeypatch, caplog):
+    from mapstorch.physics import snip as snip_mod
+
+    monkeypatch.setattr(snip_mod, "_compiled_failure", None)
+    if snip_mod._compiled_unusable() is not None:
+        pytest.skip("numba is not usable here")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("LLVM ERROR: no target")
+
+    monkeypatch.setattr(snip_mod, "_snip_window_compiled", broken)
+    y = peaked_spectra((4, 300), torch.float64)
+    with caplog.at_level("WARNING", logger="mapstorch.physics.snip"):
+        got = snip_window(y, *CAL, (20, 280))
+    assert "LLVM ERROR" in caplog.text and "blocked" in caplog.text
+    assert_same_bits(got, snip_window(y, *CAL, (20, 280), engine="blocked"))
+    assert snip_mod._compiled_unusable() is not None  # auto no longer tries it
+    with pytest.raises(RuntimeError, match="LLVM"):  # asked for by name: the error surfaces
+        snip_window(y, *CAL, (20, 280), engine="compiled")
+
+
+def test_mapstorch_works_when_numba_cannot_import():
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import torch\n"
+            "from mapstorch.physics.snip import snip_window\n"
+            "y = torch.poisson(torch.full((3, 200), 20.0))\n"
+            "a = snip_window(y, -0.01, 0.0125, 0.0, 0.7, (10, 190))\n"
+            "b = snip_window(y, -0.01, 0.0125, 0.0, 0.7, (10, 190), engine='blocked')\n"
+            "assert torch.equal(a, b)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_compiled_engine_bad_input():
+    from mapstorch.physics import snip_cpu
+
+    y = peaked_spectra((3, 300), torch.float32)
+    with pytest.raises(InputError, match="float32/float64"):
+        snip_window(y.half(), *CAL, (20, 280), engine="compiled")
+    with pytest.raises(InputError, match="width"):
+        snip_window(y, -0.01, 0.0125, 0.0, -0.5, (20, 280), engine="compiled")
+    with pytest.raises(InputError, match="engine must be one of auto, compiled, blocked"):
+        snip_window(y, *CAL, (20, 280), engine="numba")
+    x = y.numpy()
+    steps = (np.array([0]), np.array([0]), np.array([1]))
+    with pytest.raises(InputError, match="C-contiguous"):
+        snip_cpu.snip_window_cpu(x[:, ::2], 10, 100, steps)
+    with pytest.raises(InputError, match="outside"):
+        snip_cpu.snip_window_cpu(x, 10, 300, steps)
+    with pytest.raises(InputError, match="outside the 91-channel window"):
+        snip_cpu.snip_window_cpu(x, 10, 100, (np.array([0]), np.array([0]), np.array([91])))
+    with pytest.raises(InputError, match="outside the window"):
+        snip_cpu.sweep_steps([(np.arange(20) - 5, np.arange(20))], 0, 19)

@@ -38,6 +38,7 @@ import torch
 from mapstorch.errors import InputError
 from mapstorch.io.dataset import Dataset, calibration_spread
 from mapstorch.maps import solvers
+from mapstorch.maps.expansion import DesignExpansion, refit
 from mapstorch.physics.model import SpectrumModel, fit_window
 from mapstorch.physics.snip import snip_window
 
@@ -53,10 +54,10 @@ Progress = Callable[[int, int], None]
 
 
 def default_chunk_rows(cols: int, method: str = "nnls", device: str | torch.device = "cpu") -> int:
-    """Rows per chunk when none are given: about 8192 pixels (512 for ``nonlinear``) on the CPU,
+    """Rows per chunk when none are given: about 8192 pixels (4096 for ``nonlinear``) on the CPU,
     16 times more on a GPU. The Poisson method's background shape is per chunk, so whoever
     rebuilds a pixel's model needs the same rows."""
-    per_chunk = (512 if method == "nonlinear" else 8192) * (16 if torch.device(device).type == "cuda" else 1)
+    per_chunk = (4096 if method == "nonlinear" else 8192) * (16 if torch.device(device).type == "cuda" else 1)
     return max(1, per_chunk // max(cols, 1))
 
 
@@ -224,7 +225,7 @@ def fit_map(
     params : an override file, a ParameterSet (e.g. a spectrum fit's ``result.params``) or
         ``{MAPS name: value}``; elements : components (default: the override file's).
     detector : ``"sum"`` (all detector elements added) or a detector index.
-    chunk_rows : rows per chunk (default: about 8192 pixels, 512 for ``nonlinear``; on a GPU
+    chunk_rows : rows per chunk (default: about 8192 pixels, 4096 for ``nonlinear``; on a GPU
         about 131072 and 8192, enough to keep it busy).
     parameter_maps : shape parameters the ``nonlinear`` method refits per pixel (default
         :data:`DEFAULT_PARAMETER_MAPS`: energy offset and slope, detector width).
@@ -277,9 +278,8 @@ def fit_map(
             raise InputError(f"parameter maps: {exc}") from None
         lo = ps.lower[idx].to(device=device, dtype=dtype)
         hi = ps.upper[idx].to(device=device, dtype=dtype)
-        span = torch.where(torch.isfinite(hi - lo), hi - lo, theta[idx].abs() * 10 + 1e-3)
-        nl = {"model": model, "theta": theta, "free": torch.tensor(idx, device=device), "lower": lo, "upper": hi,
-              "steps": 1e-3 * span}
+        nl = {"expansion": DesignExpansion(model, theta, torch.tensor(idx), lo, hi, with_escape=True, dtype=dtype,
+                                           device=device)}
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(cols, method, device)
     if chunk_rows < 1:
@@ -290,7 +290,7 @@ def fit_map(
         # summed spectra): counts/s on one detector's scale, comparable to each detector's map
         live = dataset.live_time[..., dets].sum(-1) if detector == "sum" else dataset.live_time[..., dets[0]]
     settings = {"method": method, "detector": str(detector), "names": list(names), "window": [window.first, window.last],
-                "parameter_maps": list(free_names),
+                "parameter_maps": list(free_names), "solver": "expansion" if method == "nonlinear" else method,
                 "theta": [round(float(v), 12) for v in theta.double().tolist()], "dtype": str(dtype),
                 "max_iter": max_iter, "input": _file_identity(dataset.path), "rows": rows, "cols": cols,
                 "lines": table.source}
@@ -457,7 +457,8 @@ def _distributed(client, job: _Job, dataset: Dataset, todo: Sequence[tuple[int, 
             cpu_job = _Job(**{**job.__dict__, "device": torch.device("cpu"), "design": job.design.cpu(),
                               "per_unit": job.per_unit.cpu()})
         if cpu_job.nl is not None:
-            cpu_job.nl = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in cpu_job.nl.items()}
+            cpu_job.nl = {k: (v.to("cpu") if isinstance(v, (torch.Tensor, DesignExpansion)) else v)
+                          for k, v in cpu_job.nl.items()}
         scattered = client.scatter(cpu_job, broadcast=True)
         futures = [client.submit(_remote_chunk, scattered, str(Path(dataset.path).resolve()), dataset.format, a, b,
                                  pure=False) for a, b in todo]
@@ -518,39 +519,23 @@ def _chunk_output(y, a, a_err, counts, counts_err, chi, iters, code, model, bg, 
     return out
 
 
-def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None, batch: int | None = None
-                         ) -> dict[str, np.ndarray]:
-    """Per-pixel refit of the shape parameters ``nl["free"]`` with the amplitudes, in batches of
-    pixels (the batched design matrix is ``[batch, C, K + 2]``; 256 pixels on the CPU, 4096 on a
-    GPU)."""
-    model, theta0, free = nl["model"], nl["theta"], nl["free"]
-    if batch is None:
-        batch = 4096 if y.device.type == "cuda" else 256
-    keys = ("a", "a_err", "counts", "counts_err", "chi", "iters", "code", "model", "parameters", "parameters_stderr")
-    out: dict[str, list] = {k: [] for k in keys}
-    n = int(free.numel())
-    for s0 in range(0, y.shape[0], batch):
-        sl = slice(s0, min(s0 + batch, y.shape[0]))
-        p = sl.stop - sl.start
-        th = theta0.expand(p, -1).clone()
-        with torch.no_grad():
-            th, a, err, iters, ok = solvers.nonlinear(model.design_matrix, model, th, free, nl["lower"], nl["upper"],
-                                                      yw[sl], bg[sl], a0[sl], nl["steps"], max_iter=max_iter or 30)
-            d = model.design_matrix(th)
-            unit = model.counts(th, torch.ones_like(a))  # [p, K]: counts per unit amplitude at each pixel's shape
-            m = (d @ a[..., None])[..., 0] + bg[sl]
-            dof = (yw.shape[1] - (a > 0).sum(1) - n).clamp(min=1)
-            chi = solvers.pearson_chi2(yw[sl], m) / dof
-            finite = torch.isfinite(a).all(1) & torch.isfinite(chi) & torch.isfinite(th).all(1)
-            code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
-            a = torch.where(finite[:, None], a, torch.zeros_like(a))
-        for key, value in zip(keys, (a, err[:, n:], a * unit, err[:, n:] * unit, chi, it0[sl] + iters, code, m,
-                                     th[:, free], err[:, :n])):
-            out[key].append(value)
-    cat = {k: torch.cat(v, 0) for k, v in out.items()}
-    return _chunk_output(y, cat["a"], cat["a_err"], cat["counts"], cat["counts_err"], cat["chi"], cat["iters"],
-                         cat["code"], cat["model"], bg, parameters=cat["parameters"].T,
-                         parameters_stderr=cat["parameters_stderr"].T)
+def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None) -> dict[str, np.ndarray]:
+    """Per-pixel refit of the shape parameters ``nl["free"]`` with the amplitudes, on the
+    quadratic expansion of the design matrix ``nl["expansion"]`` (:mod:`expansion`)."""
+    exp: DesignExpansion = nl["expansion"]
+    if exp.device != yw.device:
+        exp = nl["expansion"] = exp.to(yw.device)
+    n = exp.n
+    with torch.no_grad():
+        res = refit(exp, yw, bg, a0, max_iter=max_iter or 30)
+        a, err, m, th = res["a"], res["stderr"], res["model"], res["theta"]
+        dof = (yw.shape[1] - (a > 0).sum(1) - n).clamp(min=1)
+        chi = solvers.pearson_chi2(yw, m) / dof
+        finite = torch.isfinite(a).all(1) & torch.isfinite(chi) & torch.isfinite(th).all(1)
+        code = torch.where(finite, torch.where(res["converged"], 0, 1), 2).to(torch.int8)
+        a = torch.where(finite[:, None], a, torch.zeros_like(a))
+    return _chunk_output(y, a, err[:, n:], a * res["unit"], err[:, n:] * res["unit"], chi, it0 + res["iterations"],
+                         code, m, bg, parameters=th.T, parameters_stderr=err[:, :n].T)
 
 
 class _ChunkStore:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["nnls", "poisson", "nonlinear", "poisson_stderr", "pearson_chi2"]
+__all__ = ["nnls", "poisson", "poisson_stderr", "pearson_chi2"]
 
 
 def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6,
@@ -114,9 +114,8 @@ def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: T
     s = 1.0 / torch.sqrt(diag)
     scaled = info * s[:, :, None] * s[:, None, :]
     chol, bad = torch.linalg.cholesky_ex(scaled)
-    # diag(inv(L L^T)) = column sums of squares of L^-1: one batched triangular solve
-    linv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-    var = (linv * linv).sum(1)
+    # diag(inv(L L^T)) by LAPACK's potri (a batched triangular solve can stall badly on the CPU)
+    var = torch.diagonal(torch.cholesky_inverse(chol), dim1=1, dim2=2).clone()
     failed = bad != 0
     if bool(failed.any()):  # singular (collinear columns): pseudo-inverse for those pixels only
         var[failed] = torch.diagonal(torch.linalg.pinv(scaled[failed], hermitian=True), dim1=1, dim2=2)
@@ -128,107 +127,3 @@ def pearson_chi2(counts: Tensor, model: Tensor, weights: Tensor | None = None) -
     """``sum_c (y - m)^2 / max(m, 1)`` per pixel ``[P]`` (``weights``: ``1 / max(m, 1)``)."""
     w = weights if weights is not None else model.clamp(min=1.0).reciprocal_()
     return (counts - model).square_().mul_(w).sum(-1)
-
-
-def nonlinear(
-    design_fn,
-    model_fn,
-    theta: Tensor,
-    free: Tensor,
-    lower: Tensor,
-    upper: Tensor,
-    counts: Tensor,
-    background: Tensor,
-    amplitudes: Tensor,
-    steps: Tensor,
-    max_iter: int = 30,
-    tol: float = 0.01,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-pixel refit of some shape parameters together with the amplitudes (parameter maps).
-
-    design_fn : ``theta [P, N] -> D [P, C, K]``; model_fn : ``(theta [P, N], a [P, K]) -> D a
-    [P, C]`` (cheaper than the design matrix); theta : ``[P, N]`` starting shape parameters;
-    free : ``[n]`` indices of the refitted ones, with ``lower``/``upper``/``steps`` ``[n]``
-    (bounds and finite-difference steps); counts, background : ``[P, C]``; amplitudes :
-    ``[P, K]`` start (e.g. from NNLS).
-
-    A bounded Levenberg-Marquardt on the Poisson deviance per pixel (Fisher scoring: Hessian
-    ``J^T diag(y / m^2) J``), with the shape derivatives by forward differences of the batched
-    model; converged when a step lowers the deviance by less than ``tol``. Returns ``(theta, amplitudes, stderr of [free, amplitudes] [P, n + K],
-    iterations [P], converged [P])``.
-    """
-    n = int(free.numel())
-    p_count, k = amplitudes.shape
-    dtype, device = counts.dtype, counts.device
-    tiny = torch.finfo(dtype).tiny
-    theta = theta.clone()
-    a = amplitudes.clone().clamp(min=0.0)
-    lam = torch.full((p_count,), 1e-3, dtype=dtype, device=device)
-    iters = torch.zeros(p_count, dtype=torch.long, device=device)
-    done = torch.zeros(p_count, dtype=torch.bool, device=device)
-
-    def deviance(th: Tensor, amps: Tensor) -> tuple[Tensor, Tensor]:
-        m = model_fn(th, amps) + background
-        m = m.clamp(min=tiny)
-        dev = 2.0 * (torch.xlogy(counts, counts / m) - (counts - m)).sum(-1)
-        return dev, m
-
-    dev, m = deviance(theta, a)
-    h = None
-    d = None
-    for it in range(max_iter):
-        if it % 4 == 0:  # the amplitude columns change slowly with the shape: refresh them now and then
-            d = design_fn(theta)  # [P, C, K]
-        cols = []
-        base = m - background
-        for j in range(n):  # forward differences from the current model
-            up = theta.clone()
-            up[:, free[j]] += steps[j]
-            cols.append((model_fn(up, a) - base) / steps[j])
-        jac = torch.cat([torch.stack(cols, -1), d], -1) if n else d  # [P, C, n + K]
-        w = counts / (m * m)
-        g = torch.einsum("pcj,pc->pj", jac, 1.0 - counts / m)
-        h = torch.einsum("pcj,pc,pck->pjk", jac, w, jac)
-        diag = torch.diagonal(h, dim1=1, dim2=2).clamp(min=tiny)
-        improved = torch.zeros(p_count, dtype=torch.bool, device=device)
-        for _ in range(6):  # raise the damping of pixels whose step did not lower the deviance
-            step = torch.linalg.solve(h + torch.diag_embed(lam[:, None] * diag + tiny), -g[..., None])[..., 0]
-            th_new = theta.clone()
-            th_new[:, free] = torch.minimum(torch.maximum(theta[:, free] + step[:, :n], lower), upper)
-            a_new = (a + step[:, n:]).clamp(min=0.0)
-            dev_new, m_new = deviance(th_new, a_new)
-            ok = (dev_new <= dev) & ~done & ~improved
-            theta = torch.where(ok[:, None], th_new, theta)
-            a = torch.where(ok[:, None], a_new, a)
-            small = ok & ((dev - dev_new) <= tol)
-            m = torch.where(ok[:, None], m_new, m)
-            dev = torch.where(ok, dev_new, dev)
-            improved = improved | ok
-            done = done | small
-            lam = torch.where(ok, lam * 0.3, torch.where(improved | done, lam, lam * 10.0))
-            if bool((improved | done).all()):
-                break
-        iters = torch.where(done, iters, torch.full_like(iters, it + 1))
-        done = done | ~improved  # nothing lowers the deviance any more: converged (or stuck)
-        if bool(done.all()):
-            break
-    # standard errors at the solution (parameters at a bound and zero amplitudes excluded), from
-    # a fresh Jacobian
-    d = design_fn(theta)
-    base = m - background
-    cols = []
-    for j in range(n):
-        up = theta.clone()
-        up[:, free[j]] += steps[j]
-        cols.append((model_fn(up, a) - base) / steps[j])
-    jac = torch.cat([torch.stack(cols, -1), d], -1) if n else d
-    h = torch.einsum("pcj,pc,pck->pjk", jac, counts / (m * m), jac)
-    active = torch.cat([(theta[:, free] > lower) & (theta[:, free] < upper), a > 0], 1)
-    mask = active[:, :, None] & active[:, None, :]
-    eye = torch.eye(n + k, dtype=dtype, device=device)
-    hm = torch.where(mask, h, eye.expand_as(h)) if h is not None else eye.expand(p_count, -1, -1)
-    s = 1.0 / torch.sqrt(torch.diagonal(hm, dim1=1, dim2=2).clamp(min=tiny))
-    inv = torch.linalg.pinv(hm * s[:, :, None] * s[:, None, :], hermitian=True) * s[:, :, None] * s[:, None, :]
-    err = torch.sqrt(torch.diagonal(inv, dim1=1, dim2=2).clamp(min=0.0))
-    err = torch.where(active, err, torch.full_like(err, float("nan")))
-    return theta, a, err, iters, done

@@ -30,6 +30,7 @@ It differs slightly from XRF-Maps' numbers.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Literal
 
@@ -43,6 +44,9 @@ from mapstorch.physics import snip_gpu
 __all__ = ["snip_background", "snip_window", "snip_widths", "SnipMode"]
 
 SnipMode = Literal["xrfmaps", "smooth"]
+
+_log = logging.getLogger(__name__)
+_ENGINES = ("auto", "compiled", "blocked", "kernel", "pointer")
 
 
 def _as_batched(value: float | Tensor, ref: Tensor) -> Tensor:
@@ -259,6 +263,42 @@ def _gpu_schedule(widths: tuple[bytes, ...], n: int, lo_limit: int, up_limit: in
     return snip_gpu.sweep_schedule([_sweep_plan(w, n, lo_limit, up_limit) for w in widths], device)
 
 
+_compiled_failure: str | None = None  # why the compiled engine failed at run time, if it did (auto then avoids it)
+
+
+@functools.lru_cache(maxsize=1)
+def _snip_cpu():
+    """The compiled CPU engine's module (:mod:`snip_cpu`), or the reason numba is unusable (str)."""
+    try:
+        from mapstorch.physics import snip_cpu
+    except Exception as exc:  # noqa: BLE001 -- not installed, or broken here: the NumPy engine does the work
+        reason = f"{type(exc).__name__}: {exc}"
+        _log.debug("numba is not usable (%s); the CPU SNIP runs on the blocked NumPy engine", reason)
+        return reason
+    return snip_cpu
+
+
+def _give_up_compiled(exc: Exception) -> None:
+    """Remember that the compiled engine failed here, so that ``engine="auto"`` stops choosing it."""
+    global _compiled_failure
+    _compiled_failure = f"{type(exc).__name__}: {exc}"
+    _log.warning("the compiled SNIP engine failed (%s); the CPU SNIP uses the blocked NumPy engine from now on",
+                 _compiled_failure, exc_info=True)
+
+
+def _compiled_unusable() -> str | None:
+    """Why the compiled CPU engine cannot run here (numba missing or broken), or None."""
+    module = _snip_cpu()
+    return module if isinstance(module, str) else _compiled_failure
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_schedule(widths: tuple[bytes, ...], n: int, lo_limit: int, up_limit: int):
+    """The compiled engine's step tables for passes of the given widths (cached per map)."""
+    plans = [_sweep_plan(w, n, lo_limit, up_limit)[:2] for w in widths]
+    return _snip_cpu().sweep_steps(plans, lo_limit, up_limit)
+
+
 def _sweep_blocked(v: Tensor, w: Tensor, lo_limit: int, up_limit: int) -> Tensor:
     """One XRF-Maps in-place sweep over the window channels of ``v [C, P]`` (channel-major, all
     spectra sharing the widths ``w [C]``), block by block (see :func:`_sweep_plan`)."""
@@ -319,8 +359,21 @@ def _snip_window_numpy(spectra: Tensor, widths, a0: int, b0: int, a: int, b: int
         np.exp(out, out=out)
         out -= one
     out[~np.isfinite(out)] = 0.0
-    bg = torch.from_numpy(out).T.reshape(*lead, -1)
-    return (bg, window_counts.reshape(*lead, -1)) if with_window else bg
+    bg = torch.from_numpy(out).T.reshape(*lead, out.shape[0])  # explicit sizes: no spectra is fine too
+    return (bg, window_counts.reshape(*lead, out.shape[0])) if with_window else bg
+
+
+def _snip_window_compiled(spectra: Tensor, widths, a: int, b: int, first: int, last: int, lo_limit: int,
+                          up_limit: int, with_window: bool = False):
+    """:func:`snip_window` with the compiled CPU engine (:mod:`snip_cpu`): the same numbers as
+    :func:`_snip_window_numpy`, read from pixel-major spectra, returned channel-major in memory
+    (transposed views) as the blocked engine's, on up to ``torch.get_num_threads()`` threads."""
+    lead, n = spectra.shape[:-1], spectra.shape[-1]
+    x = spectra.detach().reshape(-1, n).contiguous().numpy()  # [P, C]
+    steps = _cpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit)
+    bg, counts = _snip_cpu().snip_window_cpu(x, first, last, steps, with_window, torch.get_num_threads())  # [Cw, P]
+    bg = torch.from_numpy(bg).T.reshape(*lead, last - first + 1)
+    return (bg, torch.from_numpy(counts).T.reshape(*lead, last - first + 1)) if with_window else bg
 
 
 def snip_window(
@@ -337,27 +390,49 @@ def snip_window(
 
     The same numbers as ``snip_background(...)[..., first:last + 1]`` (window channels only read
     window channels, and the 5-channel smoothing two more on each side), for a fraction of the
-    work when the window is a part of the spectrum; one calibration for all spectra (a map). On
-    the CPU the sweeps run block by block over channel-major data (XRF-Maps' own sequential
-    order); on CUDA with Triton as one kernel, a thread per spectrum (:mod:`snip_gpu`);
-    elsewhere by pointer jumping (every channel in parallel). ``engine`` forces one of these
-    (``"blocked"``, ``"kernel"``, ``"pointer"``; default ``"auto"``), all with the same numbers.
+    work when the window is a part of the spectrum; one calibration for all spectra (a map).
+
+    Engines (``engine``; default ``"auto"``), all with the same numbers, XRF-Maps' sequential
+    sweeps (the compiled and the blocked engines bit for bit the same):
+
+    - ``"compiled"``: float32/float64 on the CPU, the boxcar and the sweeps compiled with numba,
+      a cache-sized chunk of spectra at a time, chunks on up to ``torch.get_num_threads()``
+      threads (:mod:`snip_cpu`); several times faster than ``"blocked"``; no gradient;
+    - ``"blocked"``: on the CPU with NumPy, the sweeps block by block over channel-major data;
+    - ``"kernel"``: on CUDA with Triton, one kernel, a thread per spectrum (:mod:`snip_gpu`);
+    - ``"pointer"``: anywhere, by pointer jumping (every channel in parallel).
+
+    ``"auto"`` picks the kernel on CUDA with Triton; on the CPU the compiled engine when numba
+    imports (and the spectra need no gradient), else the blocked one (also if the compiled one
+    ever fails to compile or run: a warning says why); the pointer jumping elsewhere.
     ``with_window=True`` returns ``(background, spectra over the window)``, both ``[..., Cw]`` and
     channel-major in memory where the engine works that way (transposed views).
     """
-    if engine not in ("auto", "blocked", "kernel", "pointer"):
-        raise InputError(f"SNIP engine must be auto, blocked, kernel or pointer, got {engine!r}")
+    if engine not in _ENGINES:
+        raise InputError(f"SNIP engine must be one of {', '.join(_ENGINES)}; got {engine!r}")
     n = spectra.shape[-1]
     first, last = int(window[0]), int(window[1])
     if not 0 <= first <= last < n:
         raise InputError(f"SNIP window {window} lies outside the {n} channels")
     if not slope > 0:
         raise InputError(f"SNIP needs a positive energy slope, got {slope}")
+    if not width >= 0:
+        raise InputError(f"SNIP width must be >= 0, got {width}")
     if not spectra.is_floating_point():
         spectra = spectra.to(torch.get_default_dtype())
-    if engine == "auto":
+    cpu_compiled = spectra.device.type == "cpu" and spectra.dtype in (torch.float32, torch.float64)
+    if engine == "compiled":
+        if not cpu_compiled:
+            raise InputError(f"the compiled SNIP engine runs on float32/float64 CPU tensors, got {spectra.dtype} "
+                             f"on {spectra.device}; use engine='auto'")
+        if isinstance(_snip_cpu(), str):
+            raise InputError(f"the compiled SNIP engine needs numba ({_snip_cpu()}); `pip install numba`, "
+                             "or use engine='blocked'")
+    chosen = engine == "auto"
+    if chosen:
         engine = ("kernel" if snip_gpu.available(spectra.device) else
-                  "blocked" if spectra.device.type == "cpu" else "pointer")
+                  "compiled" if cpu_compiled and not spectra.requires_grad and _compiled_unusable() is None
+                  else "blocked" if spectra.device.type == "cpu" else "pointer")
     a, b = max(first - 2, 0), min(last + 3, n)  # the crop: window plus the smoothing's reach
     a0, b0 = max(a - 2, 0), min(b + 2, n)
     w_full = snip_widths(n, offset, slope, quadratic, width, dtype=spectra.dtype, device=spectra.device).reshape(-1)
@@ -377,6 +452,16 @@ def snip_window(
         if with_window:
             return out, x[a - a0 + lo_limit:a - a0 + up_limit + 1].T.reshape(*lead, -1)
         return out
+    if engine == "compiled":
+        try:
+            return _snip_window_compiled(spectra, widths, a, b, first, last, lo_limit, up_limit, with_window)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- numba failed to compile or run here
+            if not chosen:
+                raise
+            _give_up_compiled(exc)
+            engine = "blocked"
     if engine == "blocked" and spectra.device.type == "cpu" and not spectra.requires_grad:
         return _snip_window_numpy(spectra, widths, a0, b0, a, b, lo_limit, up_limit, with_window)
     v = _boxcar5(spectra[..., a0:b0])[..., a - a0:b - a0]
