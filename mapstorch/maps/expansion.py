@@ -44,20 +44,13 @@ _REACH = 2.5
 def monomials(u: Tensor) -> tuple[Tensor, Tensor]:
     """``q(u) [P, Q]`` and ``dq/du [P, n, Q]`` for ``u [P, n]``: ``[1, u_1..u_n, u_k u_l (k <= l)]``."""
     p, n = u.shape
-    pairs = [(k, m) for k in range(n) for m in range(k, n)]
+    r, c = torch.triu_indices(n, n, device=u.device)  # the pairs k <= l, row by row
     one = torch.ones(p, 1, dtype=u.dtype, device=u.device)
-    quad = [u[:, k] * u[:, m] for k, m in pairs]
-    q = torch.cat([one, u] + ([torch.stack(quad, 1)] if quad else []), 1)
-    dq = u.new_zeros(p, n, q.shape[1])
-    for k in range(n):
-        dq[:, k, 1 + k] = 1.0
-    for j, (k, m) in enumerate(pairs):
-        col = 1 + n + j
-        if k == m:
-            dq[:, k, col] = 2.0 * u[:, k]
-        else:
-            dq[:, k, col] = u[:, m]
-            dq[:, m, col] = u[:, k]
+    q = torch.cat([one, u, u[:, r] * u[:, c]], 1)
+    eye = torch.eye(n, dtype=u.dtype, device=u.device)
+    # d(u_r u_c)/du_k = [k == r] u_c + [k == c] u_r (2 u_k when r == c == k)
+    quad = eye[:, r] * u[:, None, c] + eye[:, c] * u[:, None, r]  # [P, n, T]
+    dq = torch.cat([u.new_zeros(p, n, 1), eye.expand(p, n, n), quad], 2)
     return q, dq
 
 
@@ -193,10 +186,15 @@ class DesignExpansion:
         return other
 
 
-def _deviance(y: Tensor, m: Tensor) -> Tensor:
-    """Poisson deviance per pixel ``[P]``: ``2 sum (y log(y / m) - (y - m))`` (a sum of
-    non-negative terms: accurate in float32, unlike ``sum m - sum y log m + const``)."""
-    return 2.0 * (torch.xlogy(y, y / m) - (y - m)).sum(-1)
+def _deviance(y: Tensor, m: Tensor, y_pos: Tensor | None = None) -> Tensor:
+    """Poisson deviance per pixel ``[P]``: ``2 sum (y log(y / m) - (y - m))``, term by term (each
+    small: accurate in float32, unlike ``sum m - sum y log m + const``). ``y_pos``: ``y`` with
+    zeros raised to the smallest normal number (``0 log 0`` is then 0 without a test)."""
+    if y_pos is None:
+        y_pos = y.clamp(min=torch.finfo(y.dtype).tiny)
+    ratio = torch.div(y_pos, m)
+    ratio.log_().mul_(y).sub_(y).add_(m)
+    return 2.0 * ratio.sum(-1)
 
 
 def refit(exp: DesignExpansion, counts: Tensor, background: Tensor, amplitudes: Tensor, max_iter: int = 30,
@@ -273,6 +271,7 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
     u_lo = torch.clamp((lower - center) / half, min=-_REACH)
     u_hi = torch.clamp((upper - center) / half, max=_REACH)
     u = torch.minimum(torch.maximum(u, u_lo), u_hi)
+    pairs = list(zip(*torch.triu_indices(n, n).tolist()))  # the quadratic monomials' order
     g0 = e[:, :k]  # [C, K] design at the centre
     iu = torch.triu_indices(k, k, device=y.device)
     pairs0 = g0[:, iu[0]] * g0[:, iu[1]]  # [C, K (K + 1) / 2]
@@ -289,10 +288,14 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
         centre, ``G_k a`` (while iterating: a third of the work)."""
         pp = len(aa)
         wgt = m.clamp(min=1.0).reciprocal()
-        if exact:
+        if exact:  # d m / d u_k from the terms with u_k in them: u_k, u_k u_l (l = 1..n)
             _, dq = monomials(uu)
-            coef = (dq[:, :, 1:, None] * aa[:, None, None, :]).reshape(pp, n, (q_count - 1) * k)
-            ju = coef @ e[:, k:].T  # [P, n, C]
+            ju = m.new_empty(pp, n, m.shape[1])
+            for j in range(n):
+                terms = [1 + j] + [1 + n + t for t, (r, c) in enumerate(pairs) if j in (r, c)]
+                cols = torch.cat([e[:, q * k:(q + 1) * k] for q in terms], 1)  # [C, (1 + n) K]
+                coef = (dq[:, j, terms, None] * aa[:, None, :]).reshape(pp, len(terms) * k)
+                ju[:, j] = coef @ cols.T
         else:
             ju = torch.stack([aa @ e[:, (1 + j) * k:(2 + j) * k].T for j in range(n)], 1)
         h = m.new_zeros(pp, n + k, n + k)
@@ -315,7 +318,8 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
         return torch.cat([gu, ga], 1)
 
     m = forward(u, a, b)
-    dev = _deviance(y, m)
+    y_pos = y.clamp(min=tiny)
+    dev = _deviance(y, m, y_pos)
     lam = torch.full((p,), 1e-3, dtype=y.dtype, device=y.device)
     iters = torch.zeros(p, dtype=torch.long, device=y.device)
     done = torch.zeros(p, dtype=torch.bool, device=y.device)
@@ -324,10 +328,14 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
     for it in range(max_iter):
         if act.numel() == 0:
             break
-        ua, aa, ma, ya, ba, deva, lama = u[act], a[act], m[act], y[act], b[act], dev[act], lam[act]
+        full = act.numel() == p  # every pixel still iterating: work on the tensors themselves
+        ua, aa, ma, ya, ba, deva, lama, ha, ypa = ((t if full else t[act]) for t in (u, a, m, y, b, dev, lam, h, y_pos))
         if it % 3 == 0:
-            h[act] = hessian(ua, aa, ma)
-        ha = h[act]
+            ha = hessian(ua, aa, ma)
+            if full:
+                h = ha
+            else:
+                h[act] = ha
         grad = gradient(ua, aa, ma, ya)
         diag = torch.diagonal(ha, dim1=1, dim2=2).clamp(min=tiny)
         improved = torch.zeros(len(act), dtype=torch.bool, device=y.device)
@@ -342,18 +350,26 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
                 step[bad] = torch.linalg.lstsq(mat[bad], -grad[trial][bad][..., None]).solution[..., 0]
             u_new = torch.minimum(torch.maximum(ua[trial] + step[:, :n], u_lo), u_hi)
             a_new = (aa[trial] + step[:, n:]).clamp(min=0.0)
-            m_new = forward(u_new, a_new, ba[trial])
-            dev_new = _deviance(ya[trial], m_new)
+            everyone = trial.numel() == len(act)  # the first trial: no copies of [P, C] rows
+            m_new = forward(u_new, a_new, ba if everyone else ba[trial])
+            dev_new = _deviance(ya if everyone else ya[trial], m_new, ypa if everyone else ypa[trial])
             ok = dev_new <= deva[trial]
             acc = trial[ok]
             small[acc] = (deva[trial] - dev_new)[ok] <= tol
-            ua[acc], aa[acc], ma[acc], deva[acc] = u_new[ok], a_new[ok], m_new[ok], dev_new[ok]
+            ua[acc], aa[acc], deva[acc] = u_new[ok], a_new[ok], dev_new[ok]
+            if everyone and bool(ok.all()):
+                ma = m_new
+            else:
+                ma[acc] = m_new[ok]
             improved[acc] = True
             lama[trial] = torch.where(ok, lama[trial] * 0.3, lama[trial] * 10.0)
             trial = trial[~ok]
             if trial.numel() == 0:
                 break
-        u[act], a[act], m[act], dev[act], lam[act] = ua, aa, ma, deva, lama
+        if full:
+            m = ma
+        else:
+            u[act], a[act], m[act], dev[act], lam[act] = ua, aa, ma, deva, lama
         iters[act] = it + 1
         # converged: a step lowered the deviance by less than tol, or nothing lowers it any more
         stop = small | ~improved
