@@ -520,7 +520,7 @@ def _chunk_output(y, a, a_err, counts, counts_err, chi, iters, code, model, bg, 
 
 
 def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None) -> dict[str, np.ndarray]:
-    """Per-pixel refit of the shape parameters ``nl["free"]`` with the amplitudes, on the
+    """Per-pixel refit of the free shape parameters with the amplitudes, on the
     quadratic expansion of the design matrix ``nl["expansion"]`` (:mod:`expansion`)."""
     exp: DesignExpansion = nl["expansion"]
     if exp.device != yw.device:
