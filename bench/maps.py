@@ -19,6 +19,9 @@ calibration, components, fit window and incident energy:
   Gaussian peaks only (PyMca's tails are parameterised differently). PyMca loads the whole stack
   into memory first, untimed, and is warmed up on one row.
 
+Our process uses the allocator settings of the ``mapstorch`` command (``mapstorch.allocator``:
+large arrays from the heap, freed memory kept for reuse); PyMca's run with their defaults.
+
 Wall-clock timings need an otherwise idle machine (the CPUs' idle fraction over 3 s before the
 run, and the CPU seconds other processes used during it, are reported, with a warning where they
 compete; process CPU seconds of both fits are reported too). Both timings cover the
@@ -31,7 +34,8 @@ not only the counts inside the fit window, and its peak shapes differ.
 Nonlinear fits (parameter maps), each with 2 threads:
 
 * mapstorch: ``fit_map(sub, sim.params, method="nonlinear")`` on the first ``--nonlinear-rows``
-  rows (16 by default: 4096 pixels, one default chunk): per pixel, a bounded Levenberg-Marquardt
+  rows (64 by default: 16,384 pixels, four default chunks, so that the cells' expansions, made
+  once per map, weigh as little as on a real map): per pixel, a bounded Levenberg-Marquardt
   on the Poisson deviance of the amplitudes together with the shape parameters
   ``DEFAULT_PARAMETER_MAPS`` (``ENERGY_OFFSET``, ``ENERGY_SLOPE``, ``FWHM_OFFSET``), batched over
   pixels, on the quadratic expansion of the design matrix in those parameters
@@ -91,6 +95,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _venv import BENCH, ensure_venv, run_json
 
+from mapstorch.allocator import tune_allocator
 from mapstorch.io.dataset import Dataset
 from mapstorch.maps import fit_map
 from mapstorch.physics.elements import parse_component
@@ -150,6 +155,8 @@ def _peak_rss(path: Path, calibration: np.ndarray, ps, threads: int) -> tuple[fl
         "from maps import _h5_dataset\n"
         "from mapstorch.io.override import read_override\n"
         "from mapstorch.maps import fit_map\n"
+        "from mapstorch.allocator import tune_allocator\n"
+        "tune_allocator()\n"  # as the mapstorch command does
         f"ds = _h5_dataset({str(path)!r}, np.array({calibration.tolist()!r}))\n"
         f"fit_map(ds, read_override({str(ovr)!r}), method='nnls')\n"
         # VmHWM (this process's own peak; ru_maxrss would keep the forking parent's peak across exec)
@@ -186,8 +193,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600.0, help="for PyMca's run, seconds")
     ap.add_argument("--no-baseline", action="store_true", help="time mapstorch only")
-    ap.add_argument("--nonlinear-rows", type=int, default=16,
-                    help="rows of the map our nonlinear method fits (default 16: 4096 pixels of a 256-column map)")
+    ap.add_argument("--nonlinear-rows", type=int, default=64,
+                    help="rows of the map our nonlinear method fits (default 64: 16384 pixels, 4 chunks, of a 256-column map)")
     ap.add_argument("--nonlinear-pixels", type=int, default=None,
                     help="PyMca's nonlinear fit: only the first N pixels of the first two rows (default: all)")
     ap.add_argument("--pymca-free", default="zero,gain,noise,fano",
@@ -195,6 +202,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    # the allocator settings of the mapstorch command (mapstorch.allocator); PyMca runs in its own
+    # processes with its defaults
+    log.info("glibc allocator tuned: %s", tune_allocator())
 
     idle0 = _cpu_idle()
     if idle0 is not None and idle0 < 0.9:
@@ -239,7 +249,7 @@ def main() -> None:
                  "Fe median |rel err| %.4f, Ca %.4f", pixels, ours_seconds, ours_pps, r.pixels_per_second,
                  int((r.status != 0).sum()), rel["Fe"]["median_abs"], rel["Ca"]["median_abs"])
         ours_mean = {n: float(r.counts[i].mean(dtype=np.float64)) for i, n in enumerate(r.names)}
-        # the nonlinear method (parameter maps) on the first rows (16 by default: a chunk's worth)
+        # the nonlinear method (parameter maps) on the first rows (64 by default: four chunks)
         nl_rows = min(args.nonlinear_rows, rows)
         ds2 = _h5_dataset(path, calibration)
         try:

@@ -217,12 +217,13 @@ def refit(exp: DesignExpansion, counts: Tensor, background: Tensor, amplitudes: 
     p_count, k = amplitudes.shape
     n = exp.n
     dtype, device = counts.dtype, counts.device
+    counts, background = counts.contiguous(), background.contiguous()  # pixel-major rows for the products
     x = exp.theta0[exp.free].to(device, dtype).expand(p_count, -1).clone()
     a = amplitudes.to(dtype).clamp(min=0.0).clone()
     iters = torch.zeros(p_count, dtype=torch.long, device=device)
     done = torch.zeros(p_count, dtype=torch.bool, device=device)
     settled = torch.zeros(p_count, dtype=torch.bool, device=device)
-    out_model = torch.empty_like(counts)
+    out_model: Tensor | None = None  # allocated unless the first cell keeps every pixel
     out_unit = torch.empty_like(a)
     out_err = torch.full((p_count, n + k), float("nan"), dtype=dtype, device=device)
     todo = torch.arange(p_count, device=device)
@@ -234,11 +235,13 @@ def refit(exp: DesignExpansion, counts: Tensor, background: Tensor, amplitudes: 
         again = []
         for g in range(keys.shape[0]):
             idx = todo[inverse == g]
+            whole = idx.numel() == p_count  # every pixel (the first cell): no copies of [P, C] rows
             cell = tuple(int(v) for v in keys[g].tolist())
             e, w, center = exp.terms(cell)
             res = _fit_cell(e, w, center.to(device, dtype), exp.half.to(device, dtype),
                             exp.lower.to(device, dtype), exp.upper.to(device, dtype),
-                            counts[idx], background[idx], x[idx], a[idx], max_iter, tol, final=move == max_moves)
+                            counts if whole else counts[idx], background if whole else background[idx], x[idx],
+                            a[idx], max_iter, tol, final=move == max_moves)
             x[idx], a[idx] = res["x"], res["a"]
             iters[idx] += res["iterations"]
             inside = res["inside"]
@@ -246,14 +249,22 @@ def refit(exp: DesignExpansion, counts: Tensor, background: Tensor, amplitudes: 
             keep = inside | (move == max_moves)
             done[idx] = ok
             settled[idx] = keep
-            if bool(keep.any()):
+            if whole and bool(keep.all()):
+                out_model = res["model"]
+                out_unit[idx] = res["unit"]
+                out_err[idx] = res["stderr"]
+            elif bool(keep.any()):
                 sel = idx[keep]
+                if out_model is None:
+                    out_model = torch.empty_like(counts)
                 out_model[sel] = res["model"][keep]
                 out_unit[sel] = res["unit"][keep]
                 out_err[sel] = res["stderr"][keep]
             if bool((~keep).any()):
                 again.append(idx[~keep])
         todo = torch.cat(again) if again else todo[:0]
+    if out_model is None:
+        out_model = torch.empty_like(counts)
     return {"theta": x, "a": a, "unit": out_unit, "model": out_model, "stderr": out_err, "iterations": iters,
             "converged": done & settled}
 
