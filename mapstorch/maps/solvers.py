@@ -5,7 +5,8 @@ matrix ``D [C, K]`` (the shape parameters are fixed). Two estimators:
 
 * :func:`nnls` -- ``min ||D a - t||^2, a >= 0`` with ``t = max(y - b, 0)`` (what XRF-Maps' NNLS
   routine fits), by accelerated projected gradient (FISTA with restarts) on the Gram matrix with
-  unit-norm columns; the optimality (KKT) residual decides convergence per pixel;
+  unit-norm columns, from the clipped unconstrained solution; the optimality (KKT) residual
+  decides convergence per pixel;
 * :func:`poisson` -- maximum-likelihood ``a >= 0`` for ``y ~ Poisson(D a + b)``, by the EM
   (multiplicative) iteration ``a <- a * D^T(y / m) / D^T 1``, which keeps ``a >= 0`` and never
   raises the likelihood, started from the NNLS solution.
@@ -36,11 +37,15 @@ def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6
     lip = float(torch.linalg.eigvalsh(gram.double()).max()) * 1.0001
     b = target @ d  # [P, K]
     scale = torch.linalg.vector_norm(b, dim=1).clamp(min=torch.finfo(design.dtype).tiny)
-    x = (start * norms).clamp(min=0.0) if start is not None else torch.zeros_like(b)
+    if start is not None:
+        x = (start * norms).clamp(min=0.0)
+    else:  # the unconstrained least-squares solution, clipped at 0: most pixels need 1-3 steps from it
+        x = (b @ torch.linalg.pinv(gram.double(), hermitian=True).to(b.dtype)).clamp_(min=0.0)
     y = x.clone()
     t = torch.ones(b.shape[0], 1, dtype=b.dtype, device=b.device)
     iters = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
     done = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+    every = 1 if b.device.type == "cpu" else 8  # how often to ask whether all are done (a GPU sync)
     for it in range(max_iter):
         grad = y @ gram - b
         x_new = (y - grad / lip).clamp(min=0.0)
@@ -61,7 +66,7 @@ def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6
         t = torch.where(keep, t, t_new)
         iters = torch.where(done, iters, torch.full_like(iters, it + 1))
         done = done | now
-        if it % 8 == 7 and bool(done.all()):  # a host sync: not every iteration (GPUs)
+        if (it + 1) % every == 0 and bool(done.all()):
             break
     return x / norms, iters, done
 
