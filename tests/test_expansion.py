@@ -161,3 +161,29 @@ def test_refit_moves_far_pixels_through_several_cells(setup):
     centre = exp.cell_of(got["theta"])
     u = (got["theta"] - torch.stack([exp.center(tuple(c.tolist())) for c in centre]).float()) / exp.half.float()
     assert float(u.abs().max()) <= 1.1  # each pixel ends inside the cell whose expansion it used
+
+
+def test_empty_and_faint_pixels_and_a_parameter_without_effect():
+    from mapstorch.maps import fit_map
+    from mapstorch.synthetic import map_dataset, simulate_map
+
+    sim = simulate_map(2, 4, seed=0)
+    sim.counts[0, 0] = 0.0  # nothing measured
+    sim.counts[0, 1] *= 0.001  # a few counts
+    r = fit_map(map_dataset(sim), sim.params, method="nonlinear",
+                parameter_maps=("ENERGY_OFFSET", "FWHM_OFFSET", "COMPTON_ANGLE"))
+    assert (r.status == 0).all()
+    # an empty pixel says nothing about its parameters: NaN errors, not 0
+    assert np.isnan(r.parameters_stderr[:, 0, 0]).all()
+    assert np.isfinite(r.parameters[:, 0, 0]).all()
+    assert (r.parameters_stderr[:, 0, 1] > r.parameters_stderr[:, 1, 1]).all()  # faint: larger errors
+    assert np.abs(r.parameters[0, 1] - float(sim.params["ENERGY_OFFSET"])).max() < 0.005
+
+
+def test_inverse_diagonal_of_singular_matrices():
+    a = torch.randn(4, 6, 3, dtype=torch.float64)
+    m = a.transpose(1, 2) @ a
+    m[1, 2, :] = m[1, :, 2] = 0.0  # a zero row: singular
+    got = solvers.inverse_diagonal(m)
+    torch.testing.assert_close(got[0], torch.diagonal(torch.linalg.inv(m[0])))
+    torch.testing.assert_close(got[1], torch.diagonal(torch.linalg.pinv(m[1], hermitian=True)))

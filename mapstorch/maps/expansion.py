@@ -31,6 +31,8 @@ import logging
 import torch
 from torch import Tensor
 
+from mapstorch.maps.solvers import inverse_diagonal
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DesignExpansion", "refit"]
@@ -392,17 +394,15 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
     # standard errors from the scoring matrix at the solution (bounds and zero amplitudes out)
     h = hessian(u, a, m, exact=True)
     x_new = center + u * half
-    active = torch.cat([(x_new > lower) & (x_new < upper), a > 0], 1)
+    # a parameter is estimated where it is inside its bounds and the data say something about it
+    # (an empty pixel has no information: NaN, not 0)
+    informed = torch.diagonal(h, dim1=1, dim2=2)[:, :n] > 0
+    active = torch.cat([(x_new > lower) & (x_new < upper) & informed, a > 0], 1)
     mask = active[:, :, None] & active[:, None, :]
     hm = torch.where(mask, h, eye.expand_as(h))
     s = 1.0 / torch.sqrt(torch.diagonal(hm, dim1=1, dim2=2).clamp(min=tiny))
     scaled = hm * s[:, :, None] * s[:, None, :]
-    chol, info = torch.linalg.cholesky_ex(scaled)
-    var = torch.diagonal(torch.cholesky_inverse(chol), dim1=1, dim2=2)  # (a batched trsm can stall badly)
-    failed = info != 0
-    if bool(failed.any()):
-        var[failed] = torch.diagonal(torch.linalg.pinv(scaled[failed], hermitian=True), dim1=1, dim2=2)
-    err = torch.sqrt((var * s * s).clamp(min=0.0))
+    err = torch.sqrt((inverse_diagonal(scaled) * s * s).clamp(min=0.0))
     scale = torch.cat([half.expand(p, -1), torch.ones_like(a)], 1)  # u -> parameter units
     err = torch.where(active, err * scale, torch.full_like(err, float("nan")))
     return {"x": x_new, "a": a, "model": m, "unit": unit, "stderr": err, "iterations": iters, "converged": done,

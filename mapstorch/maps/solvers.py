@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["nnls", "poisson", "poisson_stderr", "pearson_chi2"]
+__all__ = ["nnls", "poisson", "poisson_stderr", "inverse_diagonal", "pearson_chi2"]
 
 
 def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6,
@@ -118,14 +118,23 @@ def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: T
     diag = torch.diagonal(info, dim1=1, dim2=2).clamp(min=torch.finfo(design.dtype).tiny)
     s = 1.0 / torch.sqrt(diag)
     scaled = info * s[:, :, None] * s[:, None, :]
-    chol, bad = torch.linalg.cholesky_ex(scaled)
-    # diag(inv(L L^T)) by LAPACK's potri (a batched triangular solve can stall badly on the CPU)
-    var = torch.diagonal(torch.cholesky_inverse(chol), dim1=1, dim2=2).clone()
-    failed = bad != 0
-    if bool(failed.any()):  # singular (collinear columns): pseudo-inverse for those pixels only
-        var[failed] = torch.diagonal(torch.linalg.pinv(scaled[failed], hermitian=True), dim1=1, dim2=2)
-    var = (var * s * s).clamp(min=0.0)
+    var = (inverse_diagonal(scaled) * s * s).clamp(min=0.0)
     return torch.where(active, torch.sqrt(var), torch.full_like(var, float("nan")))
+
+
+def inverse_diagonal(matrices: Tensor) -> Tensor:
+    """``diag(inv(A))`` ``[P, K]`` of symmetric positive semi-definite ``A [P, K, K]``: by
+    Cholesky and LAPACK's potri (a batched triangular solve can stall badly on the CPU); the
+    pseudo-inverse for the matrices that are singular (collinear columns)."""
+    chol, bad = torch.linalg.cholesky_ex(matrices)
+    failed = bad != 0
+    if bool(failed.any()):  # potri refuses a zero pivot: invert the identity there instead
+        eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+        chol = torch.where(failed[:, None, None], eye, chol)
+    var = torch.diagonal(torch.cholesky_inverse(chol), dim1=1, dim2=2).clone()
+    if bool(failed.any()):
+        var[failed] = torch.diagonal(torch.linalg.pinv(matrices[failed], hermitian=True), dim1=1, dim2=2)
+    return var
 
 
 def pearson_chi2(counts: Tensor, model: Tensor, weights: Tensor | None = None) -> Tensor:
