@@ -75,6 +75,25 @@ def test_poisson_stderr_is_the_inverse_fisher_information():
     assert torch.isnan(solvers.poisson_stderr(d, m, torch.tensor([[10.0, 0.0]], dtype=torch.float64))[0, 1])
 
 
+def test_weighted_pairs_skip_only_exact_zeros():
+    from mapstorch.physics.model import SpectrumModel
+
+    sm = simulate_map(2, 2, seed=0)
+    d = SpectrumModel(sm.lines, sm.window, dtype=torch.float64).design_matrix(sm.params.shape_values(),
+                                                                             with_escape=False)
+    k = d.shape[1]
+    iu = torch.triu_indices(k, k)
+    pairs = d[:, iu[0]] * d[:, iu[1]]
+    plan = solvers.pair_blocks(pairs)
+    work = sum((hi - lo) * len(cols) for lo, hi, cols in plan)
+    assert work < 0.6 * pairs.numel()  # windowed peaks: most products are exactly zero
+    w = torch.rand(5, d.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(solvers.weighted_pairs(w, pairs, plan), w @ pairs, rtol=1e-12, atol=0)
+    # a channel-major (transposed) weight matrix, as the map fit passes it
+    wt = w.T.contiguous().T
+    torch.testing.assert_close(solvers.weighted_pairs(wt, pairs), w @ pairs, rtol=1e-12, atol=0)
+
+
 # ----------------------------------------------------------------------------- recovery
 def test_nnls_map_recovers_the_majors():
     sm = simulate_map(16, 16, seed=0)

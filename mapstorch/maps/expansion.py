@@ -31,7 +31,7 @@ import logging
 import torch
 from torch import Tensor
 
-from mapstorch.maps.solvers import inverse_diagonal
+from mapstorch.maps.solvers import inverse_diagonal, pair_blocks, weighted_pairs
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,7 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
     g0 = e[:, :k]  # [C, K] design at the centre
     iu = torch.triu_indices(k, k, device=y.device)
     pairs0 = g0[:, iu[0]] * g0[:, iu[1]]  # [C, K (K + 1) / 2]
+    plan = pair_blocks(pairs0)
     eye = torch.eye(n + k, dtype=y.dtype, device=y.device)
 
     def forward(uu: Tensor, aa: Tensor, bb: Tensor) -> Tensor:
@@ -312,7 +313,7 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
         else:
             ju = torch.stack([aa @ e[:, (1 + j) * k:(2 + j) * k].T for j in range(n)], 1)
         h = m.new_zeros(pp, n + k, n + k)
-        upper_t = wgt @ pairs0
+        upper_t = weighted_pairs(wgt, pairs0, plan)
         h[:, n + iu[0], n + iu[1]] = upper_t
         h[:, n + iu[1], n + iu[0]] = upper_t
         jw = ju * wgt[:, None, :]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["nnls", "poisson", "poisson_stderr", "inverse_diagonal", "pearson_chi2"]
+__all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "pearson_chi2"]
 
 
 def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6,
@@ -104,10 +104,10 @@ def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: T
     ``weights``: ``1 / max(m, 1)`` when already computed."""
     k = design.shape[1]
     w = weights if weights is not None else model.clamp(min=1.0).reciprocal_()  # [P, C]
-    # one matrix product over the K (K + 1) / 2 distinct entries of the symmetric information
+    # matrix products over the K (K + 1) / 2 distinct entries of the symmetric information
     iu = torch.triu_indices(k, k, device=design.device)
     pairs = design[:, iu[0]] * design[:, iu[1]]  # [C, K (K + 1) / 2]
-    upper = w @ pairs
+    upper = weighted_pairs(w, pairs)
     info = design.new_zeros(w.shape[0], k, k)
     info[:, iu[0], iu[1]] = upper
     info[:, iu[1], iu[0]] = upper
@@ -120,6 +120,39 @@ def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: T
     scaled = info * s[:, :, None] * s[:, None, :]
     var = (inverse_diagonal(scaled) * s * s).clamp(min=0.0)
     return torch.where(active, torch.sqrt(var), torch.full_like(var, float("nan")))
+
+
+def pair_blocks(pairs: Tensor, blocks: int = 8) -> list[tuple[int, int, Tensor]]:
+    """Where the column products ``pairs [C, T]`` are not zero: ``(first, stop, columns)`` for
+    ``blocks`` runs of channels. Peaks are evaluated in channel windows, so most products of two
+    components are exactly zero over most channels (on the demo design, 28 % of the entries are
+    not); skipping exact zeros changes no value."""
+    c = pairs.shape[0]
+    nonzero = pairs != 0
+    edges = [round(i * c / blocks) for i in range(blocks + 1)]
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi > lo:
+            cols = torch.nonzero(nonzero[lo:hi].any(0)).flatten()
+            if cols.numel():
+                out.append((lo, hi, cols))
+    return out
+
+
+def weighted_pairs(weights: Tensor, pairs: Tensor, plan: list[tuple[int, int, Tensor]] | None = None) -> Tensor:
+    """``weights [P, C] @ pairs [C, T]``, on the CPU block by block over the non-zero products
+    (:func:`pair_blocks`: about a third of the work on a typical design); on a GPU one product."""
+    if weights.device.type != "cpu":
+        return weights @ pairs
+    if plan is None:
+        plan = pair_blocks(pairs)
+    out = weights.new_zeros(weights.shape[0], pairs.shape[1])
+    for lo, hi, cols in plan:
+        if cols.numel() == pairs.shape[1]:
+            out += weights[:, lo:hi] @ pairs[lo:hi]
+        else:
+            out.index_add_(1, cols, weights[:, lo:hi] @ pairs[lo:hi, cols])
+    return out
 
 
 def inverse_diagonal(matrices: Tensor) -> Tensor:
