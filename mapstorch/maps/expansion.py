@@ -355,13 +355,26 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
         improved = torch.zeros(len(act), dtype=torch.bool, device=y.device)
         small = torch.zeros_like(improved)
         trial = torch.arange(len(act), device=y.device)  # pixels still looking for a lower deviance
-        for _ in range(5):  # raise the damping of pixels whose step did not lower the deviance
+        for attempt in range(5):  # raise the damping of pixels whose step did not lower the deviance
             mat = ha[trial] + torch.diag_embed(lama[trial, None] * diag[trial] + tiny)
             chol, info = torch.linalg.cholesky_ex(mat)
             step = torch.cholesky_solve(-grad[trial, :, None], chol)[..., 0]
             bad = info != 0
             if bool(bad.any()):
                 step[bad] = torch.linalg.lstsq(mat[bad], -grad[trial][bad][..., None]).solution[..., 0]
+            if attempt == 0 and it > 0:
+                # the quadratic model's predicted decrease of the deviance; below tol the pixel
+                # has converged, and the trial (a model evaluation) is not needed
+                hs = (ha[trial] @ step[..., None])[..., 0]
+                pred = -2.0 * ((grad[trial] * step).sum(1) + 0.5 * (step * hs).sum(1))
+                settled = pred <= 0.5 * tol
+                if bool(settled.any()):
+                    small[trial[settled]] = True
+                    improved[trial[settled]] = True
+                    keep = ~settled
+                    trial, step = trial[keep], step[keep]
+                    if trial.numel() == 0:
+                        break
             u_new = torch.minimum(torch.maximum(ua[trial] + step[:, :n], u_lo), u_hi)
             a_new = (aa[trial] + step[:, n:]).clamp(min=0.0)
             everyone = trial.numel() == len(act)  # the first trial: no copies of [P, C] rows
