@@ -25,6 +25,7 @@ from where it stopped.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 
@@ -43,16 +44,24 @@ _LEAVE = 1.1
 _REACH = 2.5
 
 
+@functools.lru_cache(maxsize=32)
+def _monomial_tables(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(r, c, eye[:, r], eye[:, c], [0 | eye])`` for :func:`monomials` (the pairs ``r <= c``)."""
+    r, c = torch.triu_indices(n, n, device=device)  # the pairs k <= l, row by row
+    eye = torch.eye(n, dtype=dtype, device=device)
+    lead = torch.cat([torch.zeros(n, 1, dtype=dtype, device=device), eye], 1)  # d[1, u]/du
+    return r, c, eye[:, r].contiguous(), eye[:, c].contiguous(), lead
+
+
 def monomials(u: Tensor) -> tuple[Tensor, Tensor]:
     """``q(u) [P, Q]`` and ``dq/du [P, n, Q]`` for ``u [P, n]``: ``[1, u_1..u_n, u_k u_l (k <= l)]``."""
     p, n = u.shape
-    r, c = torch.triu_indices(n, n, device=u.device)  # the pairs k <= l, row by row
-    one = torch.ones(p, 1, dtype=u.dtype, device=u.device)
-    q = torch.cat([one, u, u[:, r] * u[:, c]], 1)
-    eye = torch.eye(n, dtype=u.dtype, device=u.device)
+    r, c, eye_r, eye_c, lead = _monomial_tables(n, u.dtype, u.device)
+    ur, uc = u.index_select(1, r), u.index_select(1, c)
+    q = torch.cat([torch.ones(p, 1, dtype=u.dtype, device=u.device), u, ur * uc], 1)
     # d(u_r u_c)/du_k = [k == r] u_c + [k == c] u_r (2 u_k when r == c == k)
-    quad = eye[:, r] * u[:, None, c] + eye[:, c] * u[:, None, r]  # [P, n, T]
-    dq = torch.cat([u.new_zeros(p, n, 1), eye.expand(p, n, n), quad], 2)
+    quad = eye_r * uc[:, None, :] + eye_c * ur[:, None, :]  # [P, n, T]
+    dq = torch.cat([lead.expand(p, n, n + 1), quad], 2)
     return q, dq
 
 
@@ -233,7 +242,10 @@ def refit(exp: DesignExpansion, counts: Tensor, background: Tensor, amplitudes: 
         if todo.numel() == 0:
             break
         cells = exp.cell_of(x[todo])
-        keys, inverse = torch.unique(cells, dim=0, return_inverse=True)
+        if bool((cells == cells[:1]).all()):  # one cell (the usual first round): no sort
+            keys, inverse = cells[:1], torch.zeros(len(cells), dtype=torch.long, device=cells.device)
+        else:
+            keys, inverse = torch.unique(cells, dim=0, return_inverse=True)
         again = []
         for g in range(keys.shape[0]):
             idx = todo[inverse == g]
