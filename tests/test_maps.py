@@ -435,3 +435,26 @@ def test_one_detectors_maps_file_holds_that_detectors_spectra(tmp_path):
         np.testing.assert_allclose(back.live_time[..., 0], live, rtol=1e-5)
     with h5py.File(out) as f:
         assert f["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"].shape[1:] == (11, 11)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_small_spd_systems_compiled_and_lapack(monkeypatch, compiled):
+    if not compiled:
+        monkeypatch.setattr(solvers, "_spd_cpu", lambda: None)
+    elif solvers._spd_cpu() is None:
+        pytest.fail("numba is a dependency: the compiled kernels must load")
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
+        x = torch.randn(2500, 7, 7, generator=gen, dtype=torch.float64)  # more than one work item
+        a = x @ x.transpose(1, 2) + 0.5 * torch.eye(7, dtype=torch.float64)
+        a[3] = torch.zeros(7, 7, dtype=torch.float64)  # singular
+        a[5, 2, 2] = -1.0  # indefinite
+        b = torch.randn(2500, 7, generator=gen, dtype=torch.float64)
+        ref_x = torch.linalg.solve(a[6:], b[6:])
+        ref_d = torch.diagonal(torch.linalg.pinv(a, hermitian=True), dim1=1, dim2=2)
+        got_x, ok = solvers.spd_solve(a.to(dtype), b.to(dtype))
+        assert not ok[3] and not ok[5] and bool(ok[6:].all())
+        torch.testing.assert_close(got_x[6:].double(), ref_x, rtol=tol, atol=tol * float(ref_x.abs().max()))
+        got_d = solvers.inverse_diagonal(a.to(dtype))
+        torch.testing.assert_close(got_d[6:].double(), ref_d[6:], rtol=tol, atol=0.0)
+        torch.testing.assert_close(got_d[3].double(), ref_d[3], rtol=tol, atol=tol)  # pseudo-inverse there

@@ -32,7 +32,7 @@ import logging
 import torch
 from torch import Tensor
 
-from mapstorch.maps.solvers import inverse_diagonal, pair_blocks, weighted_pairs
+from mapstorch.maps.solvers import inverse_diagonal, pair_blocks, spd_solve, weighted_pairs
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +369,8 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
         trial = torch.arange(len(act), device=y.device)  # pixels still looking for a lower deviance
         for attempt in range(5):  # raise the damping of pixels whose step did not lower the deviance
             mat = ha[trial] + torch.diag_embed(lama[trial, None] * diag[trial] + tiny)
-            chol, info = torch.linalg.cholesky_ex(mat)
-            step = torch.cholesky_solve(-grad[trial, :, None], chol)[..., 0]
-            bad = info != 0
+            step, solved = spd_solve(mat, -grad[trial])
+            bad = ~solved
             if bool(bad.any()):
                 step[bad] = torch.linalg.lstsq(mat[bad], -grad[trial][bad][..., None]).solution[..., 0]
             if attempt == 0 and it > 0:

@@ -18,10 +18,16 @@ at the solution.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import Tensor
 
-__all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "pearson_chi2"]
+__all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
+           "pearson_chi2"]
+
+log = logging.getLogger(__name__)
 
 
 def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6,
@@ -155,19 +161,57 @@ def weighted_pairs(weights: Tensor, pairs: Tensor, plan: list[tuple[int, int, Te
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _spd_cpu():
+    """The compiled small-matrix kernels (:mod:`spd_cpu`), or None where numba is unusable."""
+    try:
+        from mapstorch.maps import spd_cpu
+    except Exception as exc:  # noqa: BLE001 -- not installed or broken here: LAPACK's batched routines
+        log.debug("numba is not usable (%s: %s); small systems go to LAPACK", type(exc).__name__, exc)
+        return None
+    return spd_cpu
+
+
+def _compiled(matrices: Tensor):
+    """The compiled kernels when they apply to ``matrices`` (CPU float32/float64, no gradient)."""
+    if matrices.device.type != "cpu" or matrices.requires_grad or matrices.dtype not in (torch.float32,
+                                                                                         torch.float64):
+        return None
+    return _spd_cpu()
+
+
 def inverse_diagonal(matrices: Tensor) -> Tensor:
     """``diag(inv(A))`` ``[P, K]`` of symmetric positive semi-definite ``A [P, K, K]``: by
-    Cholesky and LAPACK's potri (a batched triangular solve can stall badly on the CPU); the
-    pseudo-inverse for the matrices that are singular (collinear columns)."""
-    chol, bad = torch.linalg.cholesky_ex(matrices)
-    failed = bad != 0
-    if bool(failed.any()):  # potri refuses a zero pivot: invert the identity there instead
-        eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-        chol = torch.where(failed[:, None, None], eye, chol)
-    var = torch.diagonal(torch.cholesky_inverse(chol), dim1=1, dim2=2).clone()
+    Cholesky (on the CPU compiled, a loop over the matrices in float64; elsewhere LAPACK's
+    potri: a batched triangular solve can stall badly on the CPU); the pseudo-inverse for the
+    matrices that are singular (collinear columns)."""
+    kernels = _compiled(matrices)
+    if kernels is not None:
+        diag, ok = kernels.inverse_diagonal(matrices.detach().contiguous().numpy(), torch.get_num_threads())
+        var, failed = torch.from_numpy(diag), ~torch.from_numpy(ok)
+    else:
+        chol, bad = torch.linalg.cholesky_ex(matrices)
+        failed = bad != 0
+        if bool(failed.any()):  # potri refuses a zero pivot: invert the identity there instead
+            eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+            chol = torch.where(failed[:, None, None], eye, chol)
+        var = torch.diagonal(torch.cholesky_inverse(chol), dim1=1, dim2=2).clone()
     if bool(failed.any()):
         var[failed] = torch.diagonal(torch.linalg.pinv(matrices[failed], hermitian=True), dim1=1, dim2=2)
     return var
+
+
+def spd_solve(matrices: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(inv(A) b [P, K], solved [P])`` for symmetric ``A [P, K, K]`` and ``b [P, K]`` by
+    Cholesky (compiled on the CPU, LAPACK elsewhere). Where ``A`` is not positive definite
+    ``solved`` is False and the row is not meaningful: the caller decides (e.g. least squares)."""
+    kernels = _compiled(matrices)
+    if kernels is not None and rhs.dtype == matrices.dtype:
+        x, ok = kernels.solve(matrices.detach().contiguous().numpy(), rhs.detach().contiguous().numpy(),
+                              torch.get_num_threads())
+        return torch.from_numpy(x), torch.from_numpy(ok)
+    chol, info = torch.linalg.cholesky_ex(matrices)
+    return torch.cholesky_solve(rhs[..., None], chol)[..., 0], info == 0
 
 
 def pearson_chi2(counts: Tensor, model: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -23,12 +23,11 @@ first call, or load from numba's on-disk cache.
 
 from __future__ import annotations
 
-import threading
-
 import numba
 import numpy as np
 
 from mapstorch.errors import InputError
+from mapstorch.parallel import run_chunks
 
 __all__ = ["chunk_size", "snip_window_cpu", "sweep_steps"]
 
@@ -171,32 +170,6 @@ def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_li
     return tuple(np.ascontiguousarray(np.concatenate(t)) for t in (ch, lo, hi))
 
 
-def _run_chunks(work, n_chunks: int, n_threads: int) -> None:
-    """Call ``work(next_chunk)`` on ``min(n_threads, n_chunks)`` threads (this one included), each
-    taking chunk indices from one shared iterator until none are left; re-raise a worker's error."""
-    chunks = iter(range(n_chunks))  # range iterators hand out each index once, under the GIL
-    n_workers = max(1, min(int(n_threads), n_chunks))
-    if n_workers == 1:
-        work(chunks)
-        return
-    errors: list[BaseException] = []
-
-    def guarded():
-        try:
-            work(chunks)
-        except BaseException as exc:  # noqa: BLE001 -- handed to the calling thread
-            errors.append(exc)
-
-    others = [threading.Thread(target=guarded, name=f"mapstorch-snip-{i}", daemon=True) for i in range(n_workers - 1)]
-    for th in others:
-        th.start()
-    guarded()
-    for th in others:
-        th.join()
-    if errors:
-        raise errors[0]
-
-
 def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarray, np.ndarray, np.ndarray],
                     with_counts: bool = False, n_threads: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
     """XRF-Maps' SNIP background of pixel-major spectra ``x [P, C]`` (C-contiguous float32 or
@@ -246,5 +219,5 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
                 np.exp(v, out=v)
                 _store_chunk(v, nb, one, out, p0)
 
-    _run_chunks(work, -(-n_pix // chunk), n_threads)
+    run_chunks(work, -(-n_pix // chunk), n_threads, name="mapstorch-snip")
     return out, (counts if with_counts else None)
