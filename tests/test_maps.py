@@ -458,3 +458,25 @@ def test_small_spd_systems_compiled_and_lapack(monkeypatch, compiled):
         got_d = solvers.inverse_diagonal(a.to(dtype))
         torch.testing.assert_close(got_d[6:].double(), ref_d[6:], rtol=tol, atol=0.0)
         torch.testing.assert_close(got_d[3].double(), ref_d[3], rtol=tol, atol=tol)  # pseudo-inverse there
+
+
+def test_poisson_stderr_compiled_equals_the_tensor_path(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    d = torch.rand(200, 6, generator=gen, dtype=torch.float64)
+    d[:, 5] = d[:, 4]  # two identical columns: singular where both are active
+    a = torch.rand(50, 6, generator=gen, dtype=torch.float64) * 100
+    a[::3, 2] = 0.0  # inactive amplitudes
+    a[1::2, 5] = 0.0  # half the pixels have only one of the twins
+    m = a @ d.T + 1.0
+    got = solvers.poisson_stderr(d, m, a)
+    monkeypatch.setattr(solvers, "_spd_cpu", lambda: None)
+    ref = solvers.poisson_stderr(d, m, a)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert bool(torch.isnan(got[::3, 2]).all())
+    # where both twins are active the information is singular: LAPACK may factorise the
+    # rounding (errors of 1e8), the compiled path counts such a pivot as zero and takes the
+    # pseudo-inverse (finite errors)
+    twins = (a[:, 4] > 0) & (a[:, 5] > 0)
+    assert bool(twins.any()) and bool((got[twins][:, 4:] < 1e3).all())
+    fin = torch.isfinite(ref) & ~twins[:, None]
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-8, atol=0.0)

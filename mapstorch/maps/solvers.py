@@ -114,14 +114,28 @@ def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: T
     iu = torch.triu_indices(k, k, device=design.device)
     pairs = design[:, iu[0]] * design[:, iu[1]]  # [C, K (K + 1) / 2]
     upper = weighted_pairs(w, pairs)
-    info = design.new_zeros(w.shape[0], k, k)
+    active = amplitudes > 0
+    kernels = _compiled(upper)
+    if kernels is None:
+        return _stderr_from_upper(upper, active, iu, k)
+    # compiled: each pixel's matrix built, scaled, factorised and inverted in one pass
+    se, ok = kernels.packed_stderr(upper.contiguous().numpy(), active.contiguous().numpy(), torch.get_num_threads())
+    se, failed = torch.from_numpy(se), ~torch.from_numpy(ok)
+    if bool(failed.any()):  # not positive definite (collinear columns): the pseudo-inverse there
+        se[failed] = _stderr_from_upper(upper[failed], active[failed], iu, k)
+    return se
+
+
+def _stderr_from_upper(upper: Tensor, active: Tensor, iu: Tensor, k: int) -> Tensor:
+    """:func:`poisson_stderr` from the packed information ``upper [P, K (K + 1) / 2]``, with
+    tensor operations (and the pseudo-inverse where a matrix is singular)."""
+    info = upper.new_zeros(upper.shape[0], k, k)
     info[:, iu[0], iu[1]] = upper
     info[:, iu[1], iu[0]] = upper
-    active = amplitudes > 0
-    eye = torch.eye(k, dtype=design.dtype, device=design.device)
+    eye = torch.eye(k, dtype=upper.dtype, device=upper.device)
     mask = active[:, :, None] & active[:, None, :]
     info = torch.where(mask, info, eye.expand_as(info))
-    diag = torch.diagonal(info, dim1=1, dim2=2).clamp(min=torch.finfo(design.dtype).tiny)
+    diag = torch.diagonal(info, dim1=1, dim2=2).clamp(min=torch.finfo(upper.dtype).tiny)
     s = 1.0 / torch.sqrt(diag)
     scaled = info * s[:, :, None] * s[:, None, :]
     var = (inverse_diagonal(scaled) * s * s).clamp(min=0.0)

@@ -4,8 +4,9 @@ A map fit factorises one ``K x K`` matrix per pixel (the Fisher information for 
 errors, the damped scoring matrix at each Levenberg-Marquardt step), ``K`` about 20. LAPACK's
 batched routines pay a call per matrix; these kernels loop over the pixels of a range in compiled
 code (Cholesky in float64, whatever the input's dtype), and :func:`mapstorch.parallel.run_chunks`
-shares the ranges out to threads. A matrix that is not positive definite is reported in ``ok``
-and its row of the output left for the caller to fill (e.g. by a pseudo-inverse).
+shares the ranges out to threads. A matrix that is not positive definite (a pivot below 16
+units in the last place of the input's dtype, relative to its diagonal entry) is reported in
+``ok`` and its row of the output left for the caller to fill (e.g. by a pseudo-inverse).
 """
 
 from __future__ import annotations
@@ -15,20 +16,22 @@ import numpy as np
 
 from mapstorch.parallel import run_chunks
 
-__all__ = ["inverse_diagonal", "solve"]
+__all__ = ["inverse_diagonal", "solve", "packed_stderr"]
 
 _CHUNK = 1024  # matrices per work item
 
 
 @numba.njit(nogil=True, cache=True)
-def _cholesky(a, p, low):  # pragma: no cover - compiled
-    """Lower Cholesky factor of ``a[p]`` into ``low`` (float64); False if not positive definite."""
+def _cholesky(a, p, low, rel):  # pragma: no cover - compiled
+    """Lower Cholesky factor of ``a[p]`` into ``low`` (float64); False if not positive definite,
+    counting a pivot below ``rel`` times its diagonal entry (rounding of the input) as zero."""
     k = a.shape[1]
     for j in range(k):
         s = np.float64(a[p, j, j])
+        floor = rel * abs(s)
         for t in range(j):
             s -= low[j, t] * low[j, t]
-        if not s > 0.0:
+        if not s > floor:
             return False
         d = np.sqrt(s)
         low[j, j] = d
@@ -41,13 +44,13 @@ def _cholesky(a, p, low):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _inverse_diagonal(a, lo, hi, out, ok):  # pragma: no cover - compiled
+def _inverse_diagonal(a, lo, hi, out, ok, rel):  # pragma: no cover - compiled
     """``out[p] = diag(inv(a[p]))`` for ``p`` in ``lo..hi - 1``: ``sum_r (L^-1)[r, i]^2``."""
     k = a.shape[1]
     low = np.empty((k, k))
     inv = np.empty((k, k))
     for p in range(lo, hi):
-        good = _cholesky(a, p, low)
+        good = _cholesky(a, p, low, rel)
         ok[p] = good
         if not good:
             continue
@@ -66,13 +69,13 @@ def _inverse_diagonal(a, lo, hi, out, ok):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _solve(a, b, lo, hi, out, ok):  # pragma: no cover - compiled
+def _solve(a, b, lo, hi, out, ok, rel):  # pragma: no cover - compiled
     """``out[p] = inv(a[p]) b[p]`` for ``p`` in ``lo..hi - 1`` (forward and back substitution)."""
     k = a.shape[1]
     low = np.empty((k, k))
     z = np.empty(k)
     for p in range(lo, hi):
-        good = _cholesky(a, p, low)
+        good = _cholesky(a, p, low, rel)
         ok[p] = good
         if not good:
             continue
@@ -90,6 +93,83 @@ def _solve(a, b, lo, hi, out, ok):  # pragma: no cover - compiled
             out[p, i] = z[i]
 
 
+@numba.njit(nogil=True, cache=True)
+def _packed_stderr(upper, active, where, lo, hi, out, ok, rel):  # pragma: no cover - compiled
+    """Standard errors from packed symmetric information matrices: for ``p`` in ``lo..hi - 1``,
+    the matrix ``A[i, j] = upper[p, where[i, j]]`` restricted to the ``active[p]`` rows and
+    columns, scaled to a unit diagonal; ``out[p, i] = sqrt(diag(inv(A))_i)`` where active, NaN
+    elsewhere."""
+    k = active.shape[1]
+    idx = np.empty(k, dtype=np.int64)
+    scale = np.empty(k)
+    a = np.empty((1, k, k))
+    low = np.empty((k, k))
+    inv = np.empty((k, k))
+    for p in range(lo, hi):
+        m = 0
+        for i in range(k):
+            out[p, i] = np.nan
+            if active[p, i]:
+                idx[m] = i
+                m += 1
+        good = True
+        for r in range(m):
+            d = np.float64(upper[p, where[idx[r], idx[r]]])
+            if not d > 0.0:
+                good = False
+                break
+            scale[r] = 1.0 / np.sqrt(d)
+        if good:
+            for r in range(m):
+                for c in range(r + 1):
+                    v = np.float64(upper[p, where[idx[r], idx[c]]]) * scale[r] * scale[c]
+                    a[0, r, c] = v
+                    a[0, c, r] = v
+            good = _cholesky_rows(a, m, low, rel)
+        ok[p] = good
+        if not good:
+            continue
+        for c in range(m):
+            inv[c, c] = 1.0 / low[c, c]
+            for r in range(c + 1, m):
+                v = 0.0
+                for t in range(c, r):
+                    v -= low[r, t] * inv[t, c]
+                inv[r, c] = v / low[r, r]
+        for i in range(m):
+            v = 0.0
+            for r in range(i, m):
+                v += inv[r, i] * inv[r, i]
+            out[p, idx[i]] = np.sqrt(max(v, 0.0)) * scale[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def _cholesky_rows(a, m, low, rel):  # pragma: no cover - compiled
+    """Lower Cholesky factor of the leading ``m x m`` block of ``a[0]``; False if not positive
+    definite (a pivot below ``rel`` times its diagonal entry counts as zero)."""
+    for j in range(m):
+        s = a[0, j, j]
+        floor = rel * abs(s)
+        for t in range(j):
+            s -= low[j, t] * low[j, t]
+        if not s > floor:
+            return False
+        d = np.sqrt(s)
+        low[j, j] = d
+        for i in range(j + 1, m):
+            v = a[0, i, j]
+            for t in range(j):
+                v -= low[i, t] * low[j, t]
+            low[i, j] = v / d
+    return True
+
+
+def _rel(a: np.ndarray) -> float:
+    """The smallest pivot, relative to its diagonal entry, that is not rounding of the input:
+    16 units in the last place of the input's dtype (the arithmetic is float64)."""
+    return 16.0 * float(np.finfo(a.dtype).eps)
+
+
 def _ranges(n: int, kernel, n_threads: int) -> None:
     def work(chunks):
         for i in chunks:
@@ -104,7 +184,7 @@ def inverse_diagonal(a: np.ndarray, n_threads: int = 1) -> tuple[np.ndarray, np.
     left unset."""
     out = np.empty(a.shape[:2], dtype=a.dtype)
     ok = np.empty(a.shape[0], dtype=np.bool_)
-    _ranges(a.shape[0], lambda lo, hi: _inverse_diagonal(a, lo, hi, out, ok), n_threads)
+    _ranges(a.shape[0], lambda lo, hi: _inverse_diagonal(a, lo, hi, out, ok, _rel(a)), n_threads)
     return out, ok
 
 
@@ -114,5 +194,26 @@ def solve(a: np.ndarray, b: np.ndarray, n_threads: int = 1) -> tuple[np.ndarray,
     are left unset."""
     out = np.empty(b.shape, dtype=b.dtype)
     ok = np.empty(a.shape[0], dtype=np.bool_)
-    _ranges(a.shape[0], lambda lo, hi: _solve(a, b, lo, hi, out, ok), n_threads)
+    _ranges(a.shape[0], lambda lo, hi: _solve(a, b, lo, hi, out, ok, _rel(a)), n_threads)
+    return out, ok
+
+
+def packed_stderr(upper: np.ndarray, active: np.ndarray, n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Standard errors ``[P, K]`` from the upper triangles ``upper [P, K (K + 1) / 2]`` of
+    symmetric information matrices (row by row, as ``torch.triu_indices``), over the ``active
+    [P, K]`` entries (NaN elsewhere), and whether each restricted matrix was positive definite
+    ``[P]`` (rows where not are left NaN for the caller)."""
+    k = active.shape[1]
+    where = np.zeros((k, k), dtype=np.int64)
+    pos = 0
+    for i in range(k):
+        for j in range(i, k):
+            where[i, j] = where[j, i] = pos
+            pos += 1
+    if upper.shape != (active.shape[0], pos):
+        raise ValueError(f"packed information {upper.shape} does not match {active.shape[0]} matrices of {k}")
+    out = np.empty(active.shape, dtype=upper.dtype)
+    ok = np.empty(active.shape[0], dtype=np.bool_)
+    _ranges(active.shape[0], lambda lo, hi: _packed_stderr(upper, active, where, lo, hi, out, ok, _rel(upper)),
+            n_threads)
     return out, ok
