@@ -188,6 +188,13 @@ def test_bad_input_is_a_clear_error():
         fit_map(ds, sm.params, detector=3)
     with pytest.raises(InputError, match="chunk_rows"):
         fit_map(ds, sm.params, chunk_rows=0)
+    with pytest.raises(InputError, match="unknown parameter"):
+        fit_map(ds, sm.params, method="nonlinear", parameter_maps=("NOPE",))
+    for names in (("Fe",), ("ENERGY_OFFSET", "SNIP_WIDTH")):
+        with pytest.raises(InputError, match="cannot be refitted per pixel"):
+            fit_map(ds, sm.params, method="nonlinear", parameter_maps=names)
+    with pytest.raises(InputError, match="twice"):
+        fit_map(ds, sm.params, method="nonlinear", parameter_maps=("ENERGY_OFFSET", "ENERGY_OFFSET"))
 
 
 # ----------------------------------------------------------------------------- CLI and resume

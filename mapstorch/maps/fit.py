@@ -276,6 +276,16 @@ def fit_map(
             idx = [ps.index(n) for n in free_names]
         except Exception as exc:  # noqa: BLE001 -- an unknown name
             raise InputError(f"parameter maps: {exc}") from None
+        # only shape parameters that change the model's spectrum can be mapped: amplitudes are
+        # always refitted, the SNIP width and the energy range are fixed before the fit
+        fixed = ("SNIP_WIDTH", "MIN_ENERGY_TO_FIT", "MAX_ENERGY_TO_FIT")
+        bad = [n for n, i in zip(free_names, idx) if i >= theta.numel() or n in fixed]
+        if bad:
+            raise InputError(f"parameter maps: {', '.join(bad)} cannot be refitted per pixel (amplitudes are "
+                             f"always fitted; {', '.join(fixed)} are set before the fit); choose shape "
+                             f"parameters such as {', '.join(DEFAULT_PARAMETER_MAPS)}")
+        if len(set(free_names)) != len(free_names):
+            raise InputError(f"parameter maps: {', '.join(free_names)} names a parameter twice")
         lo = ps.lower[idx].to(device=device, dtype=dtype)
         hi = ps.upper[idx].to(device=device, dtype=dtype)
         nl = {"expansion": DesignExpansion(model, theta, torch.tensor(idx), lo, hi, with_escape=True, dtype=dtype,

@@ -22,11 +22,11 @@ _CHUNK = 1024  # matrices per work item
 
 
 @numba.njit(nogil=True, cache=True)
-def _cholesky(a, p, low, rel):  # pragma: no cover - compiled
-    """Lower Cholesky factor of ``a[p]`` into ``low`` (float64); False if not positive definite,
-    counting a pivot below ``rel`` times its diagonal entry (rounding of the input) as zero."""
-    k = a.shape[1]
-    for j in range(k):
+def _cholesky(a, p, m, low, rel):  # pragma: no cover - compiled
+    """Lower Cholesky factor of the leading ``m x m`` block of ``a[p]`` into ``low`` (float64);
+    False if not positive definite, counting a pivot below ``rel`` times its diagonal entry
+    (rounding of the input) as zero."""
+    for j in range(m):
         s = np.float64(a[p, j, j])
         floor = rel * abs(s)
         for t in range(j):
@@ -35,7 +35,7 @@ def _cholesky(a, p, low, rel):  # pragma: no cover - compiled
             return False
         d = np.sqrt(s)
         low[j, j] = d
-        for i in range(j + 1, k):
+        for i in range(j + 1, m):
             v = np.float64(a[p, i, j])
             for t in range(j):
                 v -= low[i, t] * low[j, t]
@@ -44,28 +44,37 @@ def _cholesky(a, p, low, rel):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
+def _inverse_diagonal_from(low, m, inv, diag):  # pragma: no cover - compiled
+    """``diag[i] = diag(inv(L L^T))_i = sum_r (L^-1)[r, i]^2`` for the ``m x m`` factor ``low``
+    (``inv``: scratch for ``L^-1``, built column by column by forward substitution)."""
+    for c in range(m):
+        inv[c, c] = 1.0 / low[c, c]
+        for r in range(c + 1, m):
+            v = 0.0
+            for t in range(c, r):
+                v -= low[r, t] * inv[t, c]
+            inv[r, c] = v / low[r, r]
+    for i in range(m):
+        v = 0.0
+        for r in range(i, m):
+            v += inv[r, i] * inv[r, i]
+        diag[i] = v
+
+
+@numba.njit(nogil=True, cache=True)
 def _inverse_diagonal(a, lo, hi, out, ok, rel):  # pragma: no cover - compiled
-    """``out[p] = diag(inv(a[p]))`` for ``p`` in ``lo..hi - 1``: ``sum_r (L^-1)[r, i]^2``."""
+    """``out[p] = diag(inv(a[p]))`` for ``p`` in ``lo..hi - 1``."""
     k = a.shape[1]
     low = np.empty((k, k))
     inv = np.empty((k, k))
+    diag = np.empty(k)
     for p in range(lo, hi):
-        good = _cholesky(a, p, low, rel)
+        good = _cholesky(a, p, k, low, rel)
         ok[p] = good
-        if not good:
-            continue
-        for c in range(k):  # L^-1, column by column (forward substitution)
-            inv[c, c] = 1.0 / low[c, c]
-            for r in range(c + 1, k):
-                v = 0.0
-                for t in range(c, r):
-                    v -= low[r, t] * inv[t, c]
-                inv[r, c] = v / low[r, r]
-        for i in range(k):
-            v = 0.0
-            for r in range(i, k):
-                v += inv[r, i] * inv[r, i]
-            out[p, i] = v
+        if good:
+            _inverse_diagonal_from(low, k, inv, diag)
+            for i in range(k):
+                out[p, i] = diag[i]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -75,7 +84,7 @@ def _solve(a, b, lo, hi, out, ok, rel):  # pragma: no cover - compiled
     low = np.empty((k, k))
     z = np.empty(k)
     for p in range(lo, hi):
-        good = _cholesky(a, p, low, rel)
+        good = _cholesky(a, p, k, low, rel)
         ok[p] = good
         if not good:
             continue
@@ -105,6 +114,7 @@ def _packed_stderr(upper, active, where, lo, hi, out, ok, rel):  # pragma: no co
     a = np.empty((1, k, k))
     low = np.empty((k, k))
     inv = np.empty((k, k))
+    diag = np.empty(k)
     for p in range(lo, hi):
         m = 0
         for i in range(k):
@@ -125,43 +135,12 @@ def _packed_stderr(upper, active, where, lo, hi, out, ok, rel):  # pragma: no co
                     v = np.float64(upper[p, where[idx[r], idx[c]]]) * scale[r] * scale[c]
                     a[0, r, c] = v
                     a[0, c, r] = v
-            good = _cholesky_rows(a, m, low, rel)
+            good = _cholesky(a, 0, m, low, rel)
         ok[p] = good
-        if not good:
-            continue
-        for c in range(m):
-            inv[c, c] = 1.0 / low[c, c]
-            for r in range(c + 1, m):
-                v = 0.0
-                for t in range(c, r):
-                    v -= low[r, t] * inv[t, c]
-                inv[r, c] = v / low[r, r]
-        for i in range(m):
-            v = 0.0
-            for r in range(i, m):
-                v += inv[r, i] * inv[r, i]
-            out[p, idx[i]] = np.sqrt(max(v, 0.0)) * scale[i]
-
-
-@numba.njit(nogil=True, cache=True)
-def _cholesky_rows(a, m, low, rel):  # pragma: no cover - compiled
-    """Lower Cholesky factor of the leading ``m x m`` block of ``a[0]``; False if not positive
-    definite (a pivot below ``rel`` times its diagonal entry counts as zero)."""
-    for j in range(m):
-        s = a[0, j, j]
-        floor = rel * abs(s)
-        for t in range(j):
-            s -= low[j, t] * low[j, t]
-        if not s > floor:
-            return False
-        d = np.sqrt(s)
-        low[j, j] = d
-        for i in range(j + 1, m):
-            v = a[0, i, j]
-            for t in range(j):
-                v -= low[i, t] * low[j, t]
-            low[i, j] = v / d
-    return True
+        if good:
+            _inverse_diagonal_from(low, m, inv, diag)
+            for i in range(m):
+                out[p, idx[i]] = np.sqrt(max(diag[i], 0.0)) * scale[i]
 
 
 def _rel(a: np.ndarray) -> float:
