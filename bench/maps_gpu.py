@@ -2,28 +2,36 @@
 
 Run where a GPU is (it exits with a message where none is)::
 
-    python bench/maps_gpu.py [--pixels 262144,1048576] [--nonlinear-pixels 8192] [--file-rows 512]
+    python bench/maps_gpu.py [--pixels 262144,1048576] [--nonlinear-pixels 16384,65536,262144]
+                             [--file-rows 256] [--budget-s 420] [--json OUT.json]
 
 The spectra come from ``mapstorch.synthetic.simulate_map`` (the demo sample's 16 components at
 10 keV, 2048 channels): a 64 x 64 simulated map, its noise-free expectation tiled to the wanted
 number of pixels and sampled afresh (Poisson) on the GPU.
 
 1. **Same numbers as the CPU.** The 64 x 64 map is fitted by ``fit_map`` on the CPU and on CUDA
-   (float32) with each method; the largest relative difference of the major elements' counts is
-   reported. The SNIP background of the Triton kernel (one thread per spectrum, XRF-Maps'
-   sequential sweep) is compared with the CPU's blocked sweep and with the pointer-jumping
-   fallback.
+   (float32) with each method (nonlinear: 8 x 64); the largest relative difference of the major
+   elements' counts is reported. The SNIP background of the Triton kernel (one thread per
+   spectrum, XRF-Maps' sequential sweep) is compared with the CPU's blocked sweep and with the
+   pointer-jumping fallback.
 2. **Spectra already on the GPU** (``--pixels``): the chunk fit that ``fit_map`` runs per chunk
-   (SNIP, NNLS, standard errors, reduced chi-square; the Poisson method's EM too), timed with the
-   GPU synchronised, best of three after a warm-up; the SNIP engines and the NNLS solve alone too.
-3. **From a file** (``--file-rows`` x 512 pixels, uncompressed HDF5 float32 on local disk):
+   (SNIP, NNLS, standard errors, reduced chi-square, results to the host; the Poisson method's
+   EM too), timed with the GPU synchronised, best of two or three after a warm-up; the SNIP and
+   the NNLS solve alone. At the largest size each step of the nnls chunk is timed alone, the
+   standard errors' small-matrix routines side by side (:mod:`spd_lanes` in float32 and float64,
+   LAPACK's batched Cholesky) with their largest differences, and the whole chunk again with
+   LAPACK's routine.
+3. **Nonlinear** (``--nonlinear-pixels``): ``fit_map(method="nonlinear", device="cuda")`` with the
+   default parameter maps; at the smallest size also with :mod:`spd_lanes` for the
+   Levenberg-Marquardt steps, at the second size also on this machine's CPUs (``--cpu-threads``).
+4. **From a file** (``--file-rows`` x 512 pixels, uncompressed HDF5 float32 on local disk):
    ``fit_map(..., device="cuda")`` end to end (reading, transfers, everything), next to
-   ``fit_map`` on this machine's CPUs (``--cpu-threads``) on the same file: a side-by-side ratio.
-4. **Nonlinear** (``--nonlinear-pixels``): ``fit_map(method="nonlinear", device="cuda")`` with
-   the default parameter maps.
+   ``fit_map`` on this machine's CPUs on the same file: a side-by-side ratio.
 
-The LAST line printed is JSON (``metric``: ``gpu_map_pixels_per_second``; ``ours`` is the nnls
-chunk fit with the spectra on the GPU at the largest ``--pixels``).
+Sections start only while less than ``--budget-s`` seconds have passed (the rest are listed
+under ``skipped``); ``--json`` receives the results so far after each section. The LAST line
+printed is JSON (``metric``: ``gpu_map_pixels_per_second``; ``ours`` is the nnls chunk fit with
+the spectra on the GPU at the largest ``--pixels``).
 """
 
 from __future__ import annotations
@@ -44,8 +52,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mapstorch.io.dataset import Dataset
-from mapstorch.maps import fit_map
-from mapstorch.maps.fit import _fit_chunk
+from mapstorch.maps import fit_map, solvers, spd_lanes
+from mapstorch.maps.fit import _chunk_output, _fit_chunk
 from mapstorch.physics.model import SpectrumModel
 from mapstorch.physics.snip import snip_window
 from mapstorch.synthetic import simulate_map
@@ -66,6 +74,72 @@ def _timed(fn, repeat: int = 3) -> float:
         sync()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def _stages(yg, design, per_unit, cal, window) -> dict[str, object]:
+    """Seconds of each step of the nnls chunk fit (as ``_fit_chunk`` runs them), each timed
+    alone on its own inputs with the GPU synchronised; the standard errors' small-matrix
+    routines side by side, and the host transfer against a pinned copy of the same bytes."""
+    off, slope, quad, width = cal
+    win = (window.first, window.last)
+    st: dict[str, object] = {}
+    keep: dict[str, torch.Tensor] = {}
+
+    def snip():
+        keep["bg"], keep["yw"] = snip_window(yg, off, slope, quad, width, win, with_window=True)
+
+    st["snip_with_window"] = _timed(snip, repeat=2)
+
+    def layout():
+        keep["bg_t"], keep["yw_t"] = keep["bg"].T.contiguous().T, keep["yw"].T.contiguous().T
+
+    st["channel_major_copies"] = _timed(layout, repeat=2)
+    bg, yw = keep.pop("bg_t"), keep.pop("yw_t")
+    del keep["bg"], keep["yw"]
+
+    def solve():
+        keep["a"] = solvers.nnls(design, (yw - bg).clamp_(min=0.0))[0]
+
+    st["target_and_nnls"] = _timed(solve, repeat=2)
+    a = keep["a"]
+
+    def model():
+        keep["m"] = torch.addmm(bg.T, design, a.T).T if bg.T.is_contiguous() else a @ design.T + bg
+        keep["w"] = keep["m"].clamp(min=1.0).reciprocal_()
+
+    st["model_and_weights"] = _timed(model, repeat=2)
+    m, w = keep["m"], keep["w"]
+    errs = {}
+    for engine in ("lanes", "lapack"):
+        st[f"stderr_{engine}"] = _timed(
+            lambda: errs.__setitem__(engine, solvers.poisson_stderr(design, m, a, weights=w, engine=engine)), repeat=2)
+    k = design.shape[1]
+    iu = torch.triu_indices(k, k, device=design.device)
+    pairs = design[:, iu[0]] * design[:, iu[1]]
+    st["stderr_part_fisher_product"] = _timed(lambda: keep.__setitem__("u", pairs.T @ w.T), repeat=2)
+    st["stderr_part_lanes"] = _timed(lambda: spd_lanes.packed_stderr(keep["u"], a > 0), repeat=2)
+    st["stderr_part_lanes_float64"] = _timed(
+        lambda: errs.__setitem__("f64", spd_lanes.packed_stderr(keep["u"], a > 0, work=torch.float64)[0]), repeat=2)
+    ref = errs["lanes"]
+    fin = torch.isfinite(ref) & torch.isfinite(errs["lapack"]) & torch.isfinite(errs["f64"])
+    for other in ("lapack", "f64"):
+        rel = ((errs[other] - ref).abs() / ref.abs().clamp(min=1e-30))[fin]
+        st[f"stderr_{other}_vs_lanes"] = {"max_rel": float(rel.max()), "p99_rel": float(rel.float().quantile(0.99))
+                                          if rel.numel() < 2 ** 24 else float(rel[:2 ** 23].quantile(0.99)),
+                                          "nan_mismatch": int((torch.isnan(errs[other]) != torch.isnan(ref)).sum())}
+    st["chi2"] = _timed(lambda: solvers.pearson_chi2(yw, m, weights=w), repeat=2)
+    se = errs["lanes"]
+    chi = solvers.pearson_chi2(yw, m, weights=w)
+    it = torch.zeros(len(a), dtype=torch.long, device=a.device)
+    code = torch.zeros(len(a), dtype=torch.int8, device=a.device)
+    st["host_output"] = _timed(lambda: _chunk_output(yg, a, se, a * per_unit, se * per_unit, chi, it, code, m, bg),
+                               repeat=2)
+    blob = torch.cat([a, se, a * per_unit, se * per_unit], 1)
+    if blob.device.type == "cuda":
+        pinned = torch.empty(blob.shape, dtype=blob.dtype, pin_memory=True)
+        st["host_copy_pinned_same_bytes"] = _timed(lambda: pinned.copy_(blob), repeat=2)
+        st["host_copy_pageable_same_bytes"] = _timed(lambda: blob.cpu(), repeat=2)
+    return st
 
 
 def _npy_dataset(counts: np.ndarray, calibration: np.ndarray, name: str) -> Dataset:
@@ -93,11 +167,15 @@ def _rel_diff(a, b, names) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pixels", default="262144,1048576", help="chunk sizes for the spectra-on-GPU timing")
-    ap.add_argument("--nonlinear-pixels", type=int, default=8192)
-    ap.add_argument("--file-rows", type=int, default=512, help="rows of 512 pixels in the file run (0: skip)")
+    ap.add_argument("--nonlinear-pixels", default="16384,65536,262144", help="pixels of the nonlinear timings (0: skip)")
+    ap.add_argument("--file-rows", type=int, default=256, help="rows of 512 pixels in the file run (0: skip)")
     ap.add_argument("--cpu-threads", type=int, default=0, help="threads for the CPU side (default: all cores)")
     ap.add_argument("--pointer-pixels", type=int, default=65536, help="pixels for the pointer-jumping SNIP timing")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script without a GPU")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="skip the remaining sections once this many seconds have passed")
+    ap.add_argument("--json", default="", help="also write the results (so far) to this file after each section")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of the largest nnls chunk")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -106,6 +184,21 @@ def main() -> None:
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     dev = torch.device(args.device)
+    t_start = time.perf_counter()
+
+    def over(section: str) -> bool:
+        """Past the time budget: say so and skip ``section``."""
+        spent = time.perf_counter() - t_start
+        if spent > args.budget_s:
+            log.warning("%.0f s spent (budget %.0f s): skipping %s", spent, args.budget_s, section)
+            out.setdefault("skipped", []).append(section)
+            return True
+        return False
+
+    def save() -> None:
+        out["seconds"] = round(time.perf_counter() - t_start, 1)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else None
     out: dict[str, object] = {"metric": "gpu_map_pixels_per_second", "gpu": gpu,
                               "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
@@ -145,6 +238,7 @@ def main() -> None:
         check[f"snip_{engine}_vs_cpu_max_rel_diff"] = d
         log.info("SNIP %s vs the CPU's blocked sweep: max relative difference %.3g", engine, d)
     out["check"] = check
+    save()
 
     # ---- 2. spectra already on the GPU
     model = SpectrumModel(sim.lines, window, dtype=torch.float32, device=dev)
@@ -155,6 +249,8 @@ def main() -> None:
     expected = torch.as_tensor(sim.expected.reshape(-1, chans), dtype=torch.float32, device=dev)
     resident = {}
     for p in [int(v) for v in args.pixels.split(",") if v]:
+        if over(f"resident {p}"):
+            continue
         reps = -(-p // expected.shape[0])
         lam = expected.repeat(reps, 1)[:p]
         yg = torch.poisson(lam)
@@ -193,7 +289,20 @@ def main() -> None:
                 err = {n: float(np.median(np.abs(last[i] - truth[i]) / truth[i]))
                        for i, n in enumerate(model.column_names) if n in majors}
                 row["nnls_median_rel_error_last_tile"] = {k: round(v, 4) for k, v in err.items()}
-                if p == max(int(v) for v in args.pixels.split(",") if v) and dev.type == "cuda":
+                if p == max(int(v) for v in args.pixels.split(",") if v) and not over("stages"):
+                    row["stages_seconds"] = _stages(yg, design, per_unit, (off, slope, quad, width), window)
+                    log.info("stages of the nnls chunk, %d pixels: %s", p, row["stages_seconds"])
+                    save()
+
+                    def lapack(engine, data, elsewhere="lapack"):
+                        return "lapack" if engine == "auto" else original(engine, data)
+
+                    original, solvers._engine = solvers._engine, lapack
+                    try:
+                        row["nnls_chunk_lapack_stderr_pixels_per_second"] = p / _timed(chunk, repeat=2)
+                    finally:
+                        solvers._engine = original
+                if args.profile and p == max(int(v) for v in args.pixels.split(",") if v) and dev.type == "cuda":
                     from torch.profiler import ProfilerActivity, profile
 
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -216,19 +325,67 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         resident[str(p)] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}
         log.info("%d pixels on the GPU: %s", p, resident[str(p)])
-    pp = min(args.pointer_pixels, expected.shape[0] * 16)
+        out["resident"] = resident
+        save()
+    pp = min(args.pointer_pixels, expected.shape[0] * 16) if not over("pointer") else 0
     yp = torch.poisson(expected.repeat(-(-pp // expected.shape[0]), 1)[:pp])
-    t_ptr = _timed(lambda: snip_window(yp, off, slope, quad, width, win, engine="pointer"), repeat=1)
-    out["snip_pointer_pixels_per_second"] = round(pp / t_ptr, 1)
-    log.info("SNIP by pointer jumping (%d pixels): %.0f pixels/s", pp, pp / t_ptr)
+    if pp:
+        t_ptr = _timed(lambda: snip_window(yp, off, slope, quad, width, win, engine="pointer"), repeat=1)
+        out["snip_pointer_pixels_per_second"] = round(pp / t_ptr, 1)
+        log.info("SNIP by pointer jumping (%d pixels): %.0f pixels/s", pp, pp / t_ptr)
     yp = None
     out["resident"] = resident
     largest = resident[max(resident, key=int)] if resident else {}
     out["ours"] = largest.get("nnls_chunk_pixels_per_second")
     out["ours_poisson"] = largest.get("poisson_chunk_pixels_per_second")
 
-    # ---- 3. from a file, GPU and CPU side by side
-    if args.file_rows:
+    save()
+
+    # ---- 3. nonlinear
+    sizes = [int(v) for v in args.nonlinear_pixels.split(",") if v and int(v)]
+    if sizes and not over("nonlinear"):
+        out["nonlinear"] = {}
+        lam = torch.as_tensor(sim.expected.reshape(-1, chans))
+        warm = torch.poisson(lam[:64]).reshape(1, 64, chans).numpy()
+        fit_map(_npy_dataset(warm, cal, "<warm>"), ps, method="nonlinear", device=dev)
+        for size in sizes:
+            if over(f"nonlinear {size}"):
+                continue
+            rows = max(1, size // 512)
+            counts = torch.poisson(lam.repeat(-(-rows * 512 // lam.shape[0]), 1)[:rows * 512])
+            sub = _npy_dataset(counts.reshape(rows, 512, chans).numpy(), cal, "<nonlinear>")
+            t = time.perf_counter()
+            rn = fit_map(sub, ps, method="nonlinear", device=dev)
+            t_nl = time.perf_counter() - t
+            entry = {"pixels": rows * 512, "pixels_per_second": round(rows * 512 / t_nl, 1),
+                     "free": list(rn.parameter_names), "status_nonzero": int((rn.status != 0).sum()),
+                     "iterations_median": float(np.median(rn.iterations)),
+                     "parameters_median": [float(v) for v in np.median(rn.parameters.reshape(len(rn.parameter_names), -1), 1)]}
+            if size == sizes[0]:  # the LM steps and errors by spd_lanes instead of LAPACK
+                def lanes(engine, data, elsewhere="lapack"):
+                    return "lanes" if engine == "auto" else original(engine, data)
+
+                original, solvers._engine = solvers._engine, lanes
+                try:
+                    t = time.perf_counter()
+                    rl = fit_map(sub, ps, method="nonlinear", device=dev)
+                    entry["lanes_pixels_per_second"] = round(rows * 512 / (time.perf_counter() - t), 1)
+                    entry["lanes_max_abs_diff_parameters"] = float(np.nanmax(np.abs(rl.parameters - rn.parameters)))
+                finally:
+                    solvers._engine = original
+            if size == sizes[min(1, len(sizes) - 1)] and not over("nonlinear on the CPU"):
+                torch.set_num_threads(args.cpu_threads or torch.get_num_threads())
+                t = time.perf_counter()
+                rc = fit_map(sub, ps, method="nonlinear")
+                entry["cpu_pixels_per_second"] = round(rows * 512 / (time.perf_counter() - t), 1)
+                entry["cpu_max_abs_diff_parameters"] = float(np.nanmax(np.abs(rc.parameters - rn.parameters)))
+                entry["cpu_max_rel_diff_majors"] = round(_rel_diff(rn, rc, majors), 6)
+            out["nonlinear"][str(size)] = entry
+            log.info("nonlinear on the GPU: %s", entry)
+            save()
+
+    # ---- 4. from a file, GPU and CPU side by side
+    if args.file_rows and not over("file"):
         rows, cols = args.file_rows, 512
         reps = -(-rows * cols // (64 * 64))
         rng = np.random.default_rng(1)
@@ -259,20 +416,7 @@ def main() -> None:
                            "max_rel_diff_majors": round(_rel_diff(rg, rc, majors), 6)}
             log.info("from a %.1f GB file: %s", file_gb, out["file"])
 
-    # ---- 4. nonlinear
-    if args.nonlinear_pixels:
-        rows = max(1, args.nonlinear_pixels // 512)
-        lam = torch.as_tensor(sim.expected.reshape(-1, chans)).repeat(-(-rows * 512 // 4096), 1)[:rows * 512]
-        counts = torch.poisson(lam).reshape(rows, 512, chans).numpy()
-        sub = _npy_dataset(counts, cal, "<nonlinear>")
-        fit_map(_npy_dataset(counts[:1, :64], cal, "<warm>"), ps, method="nonlinear", device=dev)
-        t = time.perf_counter()
-        rn = fit_map(sub, ps, method="nonlinear", device=dev)
-        t_nl = time.perf_counter() - t
-        out["nonlinear"] = {"pixels": rows * 512, "pixels_per_second": round(rows * 512 / t_nl, 1),
-                            "free": list(rn.parameter_names), "status_nonzero": int((rn.status != 0).sum()),
-                            "iterations_median": float(np.median(rn.iterations))}
-        log.info("nonlinear on the GPU: %s", out["nonlinear"])
+    save()
     print(json.dumps(out))
 
 

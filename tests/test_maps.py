@@ -472,11 +472,12 @@ def test_one_detectors_maps_file_holds_that_detectors_spectra(tmp_path):
         assert f["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"].shape[1:] == (11, 11)
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_small_spd_systems_compiled_and_lapack(monkeypatch, compiled):
-    if not compiled:
+@pytest.mark.parametrize("engine", ["compiled", "lapack", "lanes", "no-numba"])
+def test_small_spd_systems_every_engine(monkeypatch, engine):
+    if engine == "no-numba":  # auto without numba: LAPACK
         monkeypatch.setattr(solvers, "_spd_cpu", lambda: None)
-    elif solvers._spd_cpu() is None:
+        engine = "auto"
+    elif engine == "compiled" and solvers._spd_cpu() is None:
         pytest.fail("numba is a dependency: the compiled kernels must load")
     gen = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
@@ -487,10 +488,12 @@ def test_small_spd_systems_compiled_and_lapack(monkeypatch, compiled):
         b = torch.randn(2500, 7, generator=gen, dtype=torch.float64)
         ref_x = torch.linalg.solve(a[6:], b[6:])
         ref_d = torch.diagonal(torch.linalg.pinv(a, hermitian=True), dim1=1, dim2=2)
-        got_x, ok = solvers.spd_solve(a.to(dtype), b.to(dtype))
+        got_x, ok = solvers.spd_solve(a.to(dtype), b.to(dtype), engine=engine)
+        assert got_x.dtype == dtype and got_x.shape == b.shape
         assert not ok[3] and not ok[5] and bool(ok[6:].all())
         torch.testing.assert_close(got_x[6:].double(), ref_x, rtol=tol, atol=tol * float(ref_x.abs().max()))
-        got_d = solvers.inverse_diagonal(a.to(dtype))
+        got_d = solvers.inverse_diagonal(a.to(dtype), engine=engine)
+        assert got_d.dtype == dtype and got_d.shape == (2500, 7)
         torch.testing.assert_close(got_d[6:].double(), ref_d[6:], rtol=tol, atol=0.0)
         torch.testing.assert_close(got_d[3].double(), ref_d[3], rtol=tol, atol=tol)  # pseudo-inverse there
 
@@ -515,3 +518,12 @@ def test_poisson_stderr_compiled_equals_the_tensor_path(monkeypatch):
     assert bool(twins.any()) and bool((got[twins][:, 4:] < 1e3).all())
     fin = torch.isfinite(ref) & ~twins[:, None]
     torch.testing.assert_close(got[fin], ref[fin], rtol=1e-8, atol=0.0)
+    # the GPU's pixel-last routine (run here on the CPU): the compiled path's values, the same
+    # singular pixels found, in float64 and float32
+    monkeypatch.undo()
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        lanes = solvers.poisson_stderr(d.to(dtype), m.to(dtype), a.to(dtype), engine="lanes")
+        comp = solvers.poisson_stderr(d.to(dtype), m.to(dtype), a.to(dtype), engine="compiled")
+        assert lanes.dtype == dtype and torch.equal(torch.isnan(lanes), torch.isnan(comp))
+        fin = torch.isfinite(comp)
+        torch.testing.assert_close(lanes[fin].double(), comp[fin].double(), rtol=tol, atol=0.0)

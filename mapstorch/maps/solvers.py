@@ -24,6 +24,8 @@ import logging
 import torch
 from torch import Tensor
 
+from mapstorch.maps import spd_lanes
+
 __all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
            "pearson_chi2"]
 
@@ -104,29 +106,38 @@ def poisson(design: Tensor, counts: Tensor, background: Tensor, start: Tensor, m
     return a, iters, done
 
 
-def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: Tensor | None = None) -> Tensor:
+def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: Tensor | None = None,
+                   engine: str = "auto") -> Tensor:
     """Standard errors ``[P, K]`` of the amplitudes from the Fisher information
     ``D^T diag(1 / m) D`` over the non-zero amplitudes of each pixel (others: NaN).
-    ``weights``: ``1 / max(m, 1)`` when already computed."""
+    ``weights``: ``1 / max(m, 1)`` when already computed. ``engine``: see :func:`inverse_diagonal`."""
     k = design.shape[1]
     w = weights if weights is not None else model.clamp(min=1.0).reciprocal_()  # [P, C]
     # matrix products over the K (K + 1) / 2 distinct entries of the symmetric information
     iu = torch.triu_indices(k, k, device=design.device)
     pairs = design[:, iu[0]] * design[:, iu[1]]  # [C, K (K + 1) / 2]
-    upper = weighted_pairs(w, pairs)
     active = amplitudes > 0
-    kernels = _compiled(upper)
-    if kernels is None:
-        return _stderr_from_upper(upper, active, iu, k)
+    engine = _engine(engine, w, elsewhere="lanes")  # a whole chunk of pixels: lanes beat LAPACK on a GPU
+    if engine == "lanes":  # pixel-last: [K (K + 1) / 2, P] straight from the product
+        upper_t = pairs.T @ w.T
+        se, ok = spd_lanes.packed_stderr(upper_t, active)
+        failed = ~ok
+        if bool(failed.any()):  # not positive definite (collinear columns): the pseudo-inverse there
+            se[failed] = _stderr_from_upper(upper_t[:, failed].T, active[failed], iu, k, engine)
+        return se
+    upper = weighted_pairs(w, pairs)
+    if engine == "lapack":
+        return _stderr_from_upper(upper, active, iu, k, engine)
     # compiled: each pixel's matrix built, scaled, factorised and inverted in one pass
-    se, ok = kernels.packed_stderr(upper.contiguous().numpy(), active.contiguous().numpy(), torch.get_num_threads())
+    se, ok = _spd_cpu().packed_stderr(upper.contiguous().numpy(), active.contiguous().numpy(),
+                                      torch.get_num_threads())
     se, failed = torch.from_numpy(se), ~torch.from_numpy(ok)
     if bool(failed.any()):  # not positive definite (collinear columns): the pseudo-inverse there
-        se[failed] = _stderr_from_upper(upper[failed], active[failed], iu, k)
+        se[failed] = _stderr_from_upper(upper[failed], active[failed], iu, k, engine)
     return se
 
 
-def _stderr_from_upper(upper: Tensor, active: Tensor, iu: Tensor, k: int) -> Tensor:
+def _stderr_from_upper(upper: Tensor, active: Tensor, iu: Tensor, k: int, engine: str) -> Tensor:
     """:func:`poisson_stderr` from the packed information ``upper [P, K (K + 1) / 2]``, with
     tensor operations (and the pseudo-inverse where a matrix is singular)."""
     info = upper.new_zeros(upper.shape[0], k, k)
@@ -138,7 +149,7 @@ def _stderr_from_upper(upper: Tensor, active: Tensor, iu: Tensor, k: int) -> Ten
     diag = torch.diagonal(info, dim1=1, dim2=2).clamp(min=torch.finfo(upper.dtype).tiny)
     s = 1.0 / torch.sqrt(diag)
     scaled = info * s[:, :, None] * s[:, None, :]
-    var = (inverse_diagonal(scaled) * s * s).clamp(min=0.0)
+    var = (inverse_diagonal(scaled, engine) * s * s).clamp(min=0.0)
     return torch.where(active, torch.sqrt(var), torch.full_like(var, float("nan")))
 
 
@@ -186,23 +197,40 @@ def _spd_cpu():
     return spd_cpu
 
 
-def _compiled(matrices: Tensor):
-    """The compiled kernels when they apply to ``matrices`` (CPU float32/float64, no gradient)."""
-    if matrices.device.type != "cpu" or matrices.requires_grad or matrices.dtype not in (torch.float32,
-                                                                                         torch.float64):
-        return None
-    return _spd_cpu()
+_ENGINES = ("auto", "compiled", "lapack", "lanes")
 
 
-def inverse_diagonal(matrices: Tensor) -> Tensor:
-    """``diag(inv(A))`` ``[P, K]`` of symmetric positive semi-definite ``A [P, K, K]``: by
-    Cholesky (on the CPU compiled, a loop over the matrices in float64; elsewhere LAPACK's
-    potri: a batched triangular solve can stall badly on the CPU); the pseudo-inverse for the
-    matrices that are singular (collinear columns)."""
-    kernels = _compiled(matrices)
-    if kernels is not None:
-        diag, ok = kernels.inverse_diagonal(matrices.detach().contiguous().numpy(), torch.get_num_threads())
+def _engine(engine: str, data: Tensor, elsewhere: str = "lapack") -> str:
+    """The small-matrix routine for ``data``: ``compiled`` (:mod:`spd_cpu`) on the CPU where
+    numba works (float32/float64, no gradient), ``elsewhere`` on other devices, LAPACK
+    otherwise (and for gradients)."""
+    if engine not in _ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(_ENGINES)}; got {engine!r}")
+    if engine == "compiled" and not (data.device.type == "cpu" and _spd_cpu() is not None):
+        raise ValueError("engine='compiled' needs numba and CPU tensors")
+    if engine != "auto":
+        return engine
+    if data.requires_grad or data.dtype not in (torch.float32, torch.float64):
+        return "lapack"
+    if data.device.type != "cpu":
+        return elsewhere
+    return "compiled" if _spd_cpu() is not None else "lapack"
+
+
+def inverse_diagonal(matrices: Tensor, engine: str = "auto") -> Tensor:
+    """``diag(inv(A))`` ``[P, K]`` of symmetric positive semi-definite ``A [P, K, K]`` by
+    Cholesky: on the CPU compiled (a loop over the matrices in float64), elsewhere by LAPACK's
+    potri (a batched triangular solve can stall badly on the CPU) or, with ``engine="lanes"``,
+    :mod:`spd_lanes` (float64; faster on a GPU for a million matrices, slower for a few thousand,
+    where its ~K^2 kernel launches dominate); the pseudo-inverse for the matrices that are
+    singular (collinear columns). ``engine``: ``auto``, ``compiled``, ``lanes`` or ``lapack``."""
+    engine = _engine(engine, matrices)
+    if engine == "compiled":
+        diag, ok = _spd_cpu().inverse_diagonal(matrices.detach().contiguous().numpy(), torch.get_num_threads())
         var, failed = torch.from_numpy(diag), ~torch.from_numpy(ok)
+    elif engine == "lanes":
+        diag, ok = spd_lanes.inverse_diagonal(matrices.detach().permute(1, 2, 0))
+        var, failed = diag.T.contiguous(), ~ok
     else:
         chol, bad = torch.linalg.cholesky_ex(matrices)
         failed = bad != 0
@@ -215,15 +243,19 @@ def inverse_diagonal(matrices: Tensor) -> Tensor:
     return var
 
 
-def spd_solve(matrices: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+def spd_solve(matrices: Tensor, rhs: Tensor, engine: str = "auto") -> tuple[Tensor, Tensor]:
     """``(inv(A) b [P, K], solved [P])`` for symmetric ``A [P, K, K]`` and ``b [P, K]`` by
-    Cholesky (compiled on the CPU, LAPACK elsewhere). Where ``A`` is not positive definite
-    ``solved`` is False and the row is not meaningful: the caller decides (e.g. least squares)."""
-    kernels = _compiled(matrices)
-    if kernels is not None and rhs.dtype == matrices.dtype:
-        x, ok = kernels.solve(matrices.detach().contiguous().numpy(), rhs.detach().contiguous().numpy(),
-                              torch.get_num_threads())
+    Cholesky (compiled on the CPU, LAPACK otherwise, :mod:`spd_lanes` on request: see
+    :func:`inverse_diagonal`). Where ``A`` is not positive definite ``solved`` is False and the row is not meaningful: the caller decides
+    (e.g. least squares)."""
+    engine = _engine(engine, matrices)
+    if engine == "compiled" and rhs.dtype == matrices.dtype:
+        x, ok = _spd_cpu().solve(matrices.detach().contiguous().numpy(), rhs.detach().contiguous().numpy(),
+                                 torch.get_num_threads())
         return torch.from_numpy(x), torch.from_numpy(ok)
+    if engine == "lanes":
+        x, ok = spd_lanes.solve(matrices.detach().permute(1, 2, 0), rhs.detach().T)
+        return x.T, ok
     chol, info = torch.linalg.cholesky_ex(matrices)
     return torch.cholesky_solve(rhs[..., None], chol)[..., 0], info == 0
 
