@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -51,6 +52,8 @@ STATUS_CODES = {0: "converged", 1: "max-iterations", 2: "non-finite"}
 
 #: ``progress(pixels_done, pixels_total)``
 Progress = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 def default_chunk_rows(cols: int, method: str = "nnls", device: str | torch.device = "cpu") -> int:
@@ -533,7 +536,11 @@ def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     if first.device.type != "cuda":
         return {k: v.cpu().numpy() for k, v in tensors.items()}
     flat = torch.cat([v.reshape(-1) for v in tensors.values()])
-    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # cached by PyTorch between chunks
+    try:
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # cached by PyTorch between chunks
+    except RuntimeError as exc:  # page-locked memory refused (limits, drivers): a pageable copy
+        log.debug("page-locked host memory unavailable (%s); copying to pageable memory", exc)
+        host = torch.empty(flat.shape, dtype=flat.dtype)
     host.copy_(flat)
     out, at = {}, 0
     whole = host.numpy()
@@ -551,6 +558,9 @@ def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None) -> 
         exp = nl["expansion"] = exp.to(yw.device)
     n = exp.n
     with torch.no_grad():
+        # pixel-major from here on: the refit's products and the chi-square read rows of pixels
+        # (against the channel-major counts the chi-square took 4 us per pixel instead of 1)
+        yw, bg = yw.contiguous(), bg.contiguous()
         res = refit(exp, yw, bg, a0, max_iter=max_iter or 30)
         a, err, m, th = res["a"], res["stderr"], res["model"], res["theta"]
         dof = (yw.shape[1] - (a > 0).sum(1) - n).clamp(min=1)
