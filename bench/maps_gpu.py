@@ -167,7 +167,8 @@ def _rel_diff(a, b, names) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pixels", default="262144,1048576", help="chunk sizes for the spectra-on-GPU timing")
-    ap.add_argument("--nonlinear-pixels", default="16384,65536,262144", help="pixels of the nonlinear timings (0: skip)")
+    ap.add_argument("--nonlinear-pixels", default="16384,65536,262144",
+                    help="pixels of the nonlinear timings (0: skip)")
     ap.add_argument("--file-rows", type=int, default=256, help="rows of 512 pixels in the file run (0: skip)")
     ap.add_argument("--cpu-threads", type=int, default=0, help="threads for the CPU side (default: all cores)")
     ap.add_argument("--pointer-pixels", type=int, default=65536, help="pixels for the pointer-jumping SNIP timing")
@@ -360,7 +361,8 @@ def main() -> None:
             entry = {"pixels": rows * 512, "pixels_per_second": round(rows * 512 / t_nl, 1),
                      "free": list(rn.parameter_names), "status_nonzero": int((rn.status != 0).sum()),
                      "iterations_median": float(np.median(rn.iterations)),
-                     "parameters_median": [float(v) for v in np.median(rn.parameters.reshape(len(rn.parameter_names), -1), 1)]}
+                     "parameters_median": [float(v) for v in
+                                           np.median(rn.parameters.reshape(len(rn.parameter_names), -1), 1)]}
             if size == sizes[0]:  # the LM steps and errors by spd_lanes instead of LAPACK
                 def lanes(engine, data, elsewhere="lapack"):
                     return "lanes" if engine == "auto" else original(engine, data)

@@ -524,7 +524,8 @@ def _chunk_output(y, a, a_err, counts, counts_err, chi, iters, code, model, bg, 
               "rchi2": chi, "total_counts": y.sum(1), **more}
     out = _to_host({k: v.float() for k, v in floats.items()})
     out.update(iterations=iters.int().cpu().numpy(), status=code.cpu().numpy(),
-               integrated_fit=model.sum(0).double().cpu().numpy(), integrated_background=bg.sum(0).double().cpu().numpy())
+               integrated_fit=model.sum(0).double().cpu().numpy(),
+               integrated_background=bg.sum(0).double().cpu().numpy())
     return out
 
 

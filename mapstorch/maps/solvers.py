@@ -246,8 +246,8 @@ def inverse_diagonal(matrices: Tensor, engine: str = "auto") -> Tensor:
 def spd_solve(matrices: Tensor, rhs: Tensor, engine: str = "auto") -> tuple[Tensor, Tensor]:
     """``(inv(A) b [P, K], solved [P])`` for symmetric ``A [P, K, K]`` and ``b [P, K]`` by
     Cholesky (compiled on the CPU, LAPACK otherwise, :mod:`spd_lanes` on request: see
-    :func:`inverse_diagonal`). Where ``A`` is not positive definite ``solved`` is False and the row is not meaningful: the caller decides
-    (e.g. least squares)."""
+    :func:`inverse_diagonal`). Where ``A`` is not positive definite ``solved`` is False and the
+    row is not meaningful: the caller decides (e.g. least squares)."""
     engine = _engine(engine, matrices)
     if engine == "compiled" and rhs.dtype == matrices.dtype:
         x, ok = _spd_cpu().solve(matrices.detach().contiguous().numpy(), rhs.detach().contiguous().numpy(),
