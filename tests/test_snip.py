@@ -371,3 +371,14 @@ def test_compiled_engine_bad_input():
         snip_cpu.snip_window_cpu(x, 10, 100, (np.array([0]), np.array([0]), np.array([91])))
     with pytest.raises(InputError, match="outside the window"):
         snip_cpu.sweep_steps([(np.arange(20) - 5, np.arange(20))], 0, 19)
+
+
+def test_gpu_without_triton_is_said_once(caplog):
+    from mapstorch.physics import snip
+
+    snip._warn_pointer_fallback.cache_clear()
+    with caplog.at_level("WARNING", logger=snip._log.name):
+        snip._warn_pointer_fallback("cuda:7")
+        snip._warn_pointer_fallback("cuda:7")
+    said = [r for r in caplog.records if "pointer jumping" in r.getMessage()]
+    assert len(said) == 1 and "cuda:7" in said[0].getMessage() and "pip install triton" in said[0].getMessage()

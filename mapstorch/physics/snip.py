@@ -286,6 +286,15 @@ def _give_up_compiled(exc: Exception) -> None:
                  _compiled_failure, exc_info=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_pointer_fallback(device: str) -> None:
+    """Say once per device that a GPU's SNIP runs by pointer jumping (no Triton): about 40x
+    slower than the kernel, the same numbers."""
+    _log.warning("Triton is not importable: the SNIP background on %s runs by pointer jumping, about 40x slower "
+                 "than the Triton kernel (the same numbers); `pip install triton` (part of PyTorch's CUDA builds) "
+                 "for the kernel", device)
+
+
 def _compiled_unusable() -> str | None:
     """Why the compiled CPU engine cannot run here (numba missing or broken), or None."""
     module = _snip_cpu()
@@ -433,6 +442,8 @@ def snip_window(
         engine = ("kernel" if snip_gpu.available(spectra.device) else
                   "compiled" if cpu_compiled and not spectra.requires_grad and _compiled_unusable() is None
                   else "blocked" if spectra.device.type == "cpu" else "pointer")
+        if engine == "pointer" and spectra.device.type == "cuda":
+            _warn_pointer_fallback(str(spectra.device))
     a, b = max(first - 2, 0), min(last + 3, n)  # the crop: window plus the smoothing's reach
     a0, b0 = max(a - 2, 0), min(b + 2, n)
     w_full = snip_widths(n, offset, slope, quadratic, width, dtype=spectra.dtype, device=spectra.device).reshape(-1)
