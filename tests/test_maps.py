@@ -527,3 +527,42 @@ def test_poisson_stderr_compiled_equals_the_tensor_path(monkeypatch):
         assert lanes.dtype == dtype and torch.equal(torch.isnan(lanes), torch.isnan(comp))
         fin = torch.isfinite(comp)
         torch.testing.assert_close(lanes[fin].double(), comp[fin].double(), rtol=tol, atol=0.0)
+
+
+def test_out_of_device_memory_fits_the_chunk_in_parts(monkeypatch, caplog):
+    from mapstorch.errors import InputError
+    from mapstorch.maps import fit as fit_module
+
+    sm = simulate_map(12, 12, seed=5)
+    ds = _dataset(sm)
+    whole = {m: fit_map(ds, sm.params, method=m, chunk_rows=8) for m in ("nnls", "nonlinear")}
+    real = fit_module._fit_chunk
+    calls = []
+
+    def small_device(y, *args, **kw):  # a device that holds at most 50 pixels
+        calls.append(y.shape[0])
+        if y.shape[0] > 50:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(y, *args, **kw)
+
+    monkeypatch.setattr(fit_module, "_fit_chunk", small_device)
+    for method, ref in whole.items():
+        calls.clear()
+        with caplog.at_level("WARNING", logger=fit_module.log.name):
+            got = fit_map(ds, sm.params, method=method, chunk_rows=8)
+        # 8 rows of 12 pixels failed once; then 4 rows at a time, the 4-row last chunk not retried
+        assert calls == [96, 48, 48, 48], (method, calls)
+        assert any("fitting 4 rows at a time" in r.getMessage() for r in caplog.records)
+        # the same fits; products over fewer pixels round differently
+        np.testing.assert_allclose(got.counts, ref.counts, rtol=1e-4, atol=1e-3)
+        np.testing.assert_array_equal(got.status, ref.status)
+        np.testing.assert_allclose(got.fitted_integrated, ref.fitted_integrated, rtol=1e-5)
+        if method == "nonlinear":
+            np.testing.assert_allclose(got.parameters, ref.parameters, rtol=0, atol=1e-6)
+
+    def no_device(y, *args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(fit_module, "_fit_chunk", no_device)
+    with pytest.raises(InputError, match="ran out of memory fitting one row of 12 pixels.*--device cpu"):
+        fit_map(ds, sm.params, method="nnls", chunk_rows=8)

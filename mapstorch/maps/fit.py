@@ -409,6 +409,31 @@ class _Job:
     channels: int
     device: torch.device
     dtype: torch.dtype
+    rows_that_fit: int | None = None  # set once the device ran out of memory on a whole chunk
+
+    def run_in_parts(self, block: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
+        """:meth:`run`, split into parts of rows where the device runs out of memory: the rows
+        that fit are remembered, so that later chunks are split before they fail."""
+        step = self.rows_that_fit or n_rows
+        if step < n_rows:
+            return _join_parts([self.run_in_parts(block[a:a + step], min(step, n_rows - a))
+                                for a in range(0, n_rows, step)])
+        try:
+            return self.run(block, n_rows)
+        except torch.OutOfMemoryError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # out of the except block: its traceback no longer holds the failed fit's tensors
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if n_rows < 2:
+            raise InputError(f"{self.device} ran out of memory fitting one row of {block.shape[1]} pixels "
+                             f"({reason}); free memory on it, or fit on the CPU (--device cpu)") from None
+        self.rows_that_fit = half = n_rows // 2
+        log.warning("%s ran out of memory on a chunk of %d rows: fitting %d rows at a time from now on "
+                    "(--chunk-rows %d, or chunk_rows=%d, starts there)%s", self.device, n_rows, half, half, half,
+                    "; the poisson method's background shape then comes from each part" if self.method == "poisson"
+                    else "")
+        return self.run_in_parts(block, n_rows)
 
     def run(self, block: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
         """Fit one block of spectra ``[rows, cols, detectors, C]``; arrays shaped by rows and cols."""
@@ -424,6 +449,19 @@ class _Job:
                 for k, v in part.items()}
 
 
+def _join_parts(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The results of consecutive row ranges of one chunk as one: maps ``[K, rows, cols]`` and
+    per-pixel ``[rows, cols]`` joined along the rows, the ``integrated_*`` sums added."""
+    out = {}
+    for key in parts[0]:
+        values = [part[key] for part in parts]
+        if key.startswith("integrated_"):
+            out[key] = np.sum(values, axis=0)
+        else:
+            out[key] = np.concatenate(values, axis=1 if values[0].ndim == 3 else 0)
+    return out
+
+
 def _local(job: _Job, dataset: Dataset, dets: list[int], todo: Sequence[tuple[int, int]]):
     """Fit the chunks ``todo`` here, reading the next chunk (a thread) while one is fitted;
     yield ``(start, stop, part)``."""
@@ -437,7 +475,7 @@ def _local(job: _Job, dataset: Dataset, dets: list[int], todo: Sequence[tuple[in
             block = pending.result()
             if i + 1 < len(todo):
                 pending = pool.submit(dataset.read, slice(*todo[i + 1]), dets)
-            yield start, stop, job.run(block, stop - start)
+            yield start, stop, job.run_in_parts(block, stop - start)
             del block
 
 
