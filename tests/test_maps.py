@@ -542,7 +542,7 @@ def test_out_of_device_memory_fits_the_chunk_in_parts(monkeypatch, caplog):
     def small_device(y, *args, **kw):  # a device that holds at most 50 pixels
         calls.append(y.shape[0])
         if y.shape[0] > 50:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(y, *args, **kw)
 
     monkeypatch.setattr(fit_module, "_fit_chunk", small_device)
@@ -561,7 +561,7 @@ def test_out_of_device_memory_fits_the_chunk_in_parts(monkeypatch, caplog):
             np.testing.assert_allclose(got.parameters, ref.parameters, rtol=0, atol=1e-6)
 
     def no_device(y, *args, **kw):
-        raise torch.OutOfMemoryError("CUDA out of memory.")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
 
     monkeypatch.setattr(fit_module, "_fit_chunk", no_device)
     with pytest.raises(InputError, match="ran out of memory fitting one row of 12 pixels.*--device cpu"):

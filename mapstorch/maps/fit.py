@@ -420,7 +420,7 @@ class _Job:
                                 for a in range(0, n_rows, step)])
         try:
             return self.run(block, n_rows)
-        except torch.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError as exc:  # torch >= 2.5 raises it for the CPU too (one class)
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         # out of the except block: its traceback no longer holds the failed fit's tensors
         if self.device.type == "cuda":
