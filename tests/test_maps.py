@@ -529,6 +529,41 @@ def test_poisson_stderr_compiled_equals_the_tensor_path(monkeypatch):
         torch.testing.assert_close(lanes[fin].double(), comp[fin].double(), rtol=tol, atol=0.0)
 
 
+def test_compiled_packed_stderr_against_each_pixels_own_inverse():
+    """The compiled kernel works on 64 pixels side by side: pixels with a zero or NaN diagonal
+    entry, or an indefinite active block, are reported without touching their neighbours, and
+    every other pixel gets the inverse of its own active block (NumPy, one pixel at a time)."""
+    spd_cpu = solvers._spd_cpu()
+    assert spd_cpu is not None, "numba is a dependency: the compiled kernels must load"
+    rng = np.random.default_rng(7)
+    p, k = 200, 9  # three blocks of 64 lanes and a partial one
+    x = rng.normal(size=(p, k, 3 * k))
+    full = x @ x.transpose(0, 2, 1)
+    active = rng.random((p, k)) < 0.8
+    full[10, 4, 4] = 0.0  # an active zero diagonal entry
+    active[10, 4] = True
+    full[70] = np.nan  # non-finite information
+    active[70] = True
+    full[130, 0, 1] = full[130, 1, 0] = 3.0 * np.sqrt(full[130, 0, 0] * full[130, 1, 1])  # indefinite,
+    # with a positive diagonal: found at the second pivot
+    active[130, :] = True
+    full[131, 2, 2] = 0.0  # a zero diagonal entry where inactive: no harm
+    active[131, 2] = False
+    iu = np.triu_indices(k)
+    upper = np.ascontiguousarray(full[:, iu[0], iu[1]])
+    se, ok = spd_cpu.packed_stderr(upper, active, n_threads=2)
+    assert not ok[10] and not ok[70] and not ok[130]
+    for i in range(p):
+        if i in (10, 70, 130):
+            assert np.isnan(se[i]).all()
+            continue
+        assert ok[i]
+        on = np.flatnonzero(active[i])
+        ref = np.full(k, np.nan)
+        ref[on] = np.sqrt(np.diag(np.linalg.inv(full[i][np.ix_(on, on)])))
+        np.testing.assert_allclose(se[i], ref, rtol=1e-9, equal_nan=True)
+
+
 def test_out_of_device_memory_fits_the_chunk_in_parts(monkeypatch, caplog):
     from mapstorch.errors import InputError
     from mapstorch.maps import fit as fit_module
@@ -566,3 +601,47 @@ def test_out_of_device_memory_fits_the_chunk_in_parts(monkeypatch, caplog):
     monkeypatch.setattr(fit_module, "_fit_chunk", no_device)
     with pytest.raises(InputError, match="ran out of memory fitting one row of 12 pixels.*--device cpu"):
         fit_map(ds, sm.params, method="nnls", chunk_rows=8)
+
+
+@pytest.mark.parametrize("storage, spare, ahead", [("waits", False, True), ("copies", False, False),
+                                                   ("copies", True, True)])
+def test_next_chunk_is_read_ahead_only_where_it_costs_the_fit_nothing(monkeypatch, storage, spare, ahead):
+    """A read that waits on its storage (a sleep here) overlaps the fit; one that keeps a core
+    busy (a copy from the page cache; a busy loop here) runs between fits unless a core is spare."""
+    import threading
+
+    from mapstorch.maps import fit as fit_module
+
+    sm = simulate_map(8, 6, seed=3)
+    ds = _dataset(sm)
+    readers = []
+
+    def read_block(start, stop, dets):
+        readers.append(threading.current_thread().name)
+        if storage == "waits":
+            time.sleep(0.03)
+        else:
+            end = time.thread_time() + 0.03
+            while time.thread_time() < end:
+                pass
+        return ds.spectra[start:stop][:, :, dets]
+
+    slow = Dataset(path="<slow storage>", format="npy", rows=8, cols=6, detectors=1, channels=ds.channels,
+                   calibration=ds.calibration, read_block=read_block)
+    monkeypatch.setattr(fit_module, "_spare_core", lambda device: spare)
+    got = fit_map(slow, sm.params, chunk_rows=2)
+    # the first chunk is always read in turn; the other three ahead in the reading thread, or all in turn
+    assert readers[0] == threading.current_thread().name and len(readers) == 4
+    assert [r.startswith("mapstorch-read") for r in readers[1:]] == [ahead] * 3
+    np.testing.assert_array_equal(got.counts, fit_map(ds, sm.params, chunk_rows=2).counts)
+
+
+def test_spare_core_counts_pytorchs_threads(monkeypatch):
+    from mapstorch.maps.fit import _spare_core
+
+    assert _spare_core(torch.device("cuda"))  # a GPU fit leaves the cores to the reader
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not _spare_core(torch.device("cpu"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert _spare_core(torch.device("cpu"))

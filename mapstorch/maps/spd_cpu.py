@@ -2,9 +2,12 @@
 
 A map fit factorises one ``K x K`` matrix per pixel (the Fisher information for the standard
 errors, the damped scoring matrix at each Levenberg-Marquardt step), ``K`` about 20. LAPACK's
-batched routines pay a call per matrix; these kernels loop over the pixels of a range in compiled
-code (Cholesky in float64, whatever the input's dtype), and :func:`mapstorch.parallel.run_chunks`
-shares the ranges out to threads. A matrix that is not positive definite (a pivot below 16
+batched routines pay a call per matrix; these kernels work through the pixels of a range in
+compiled code, ``_LANES`` matrices side by side (float64, whatever the input's dtype), the
+innermost loops over the matrices so that they run in SIMD registers, with the same float
+operations in the same order for each matrix as a loop over one matrix at a time (the numbers
+are the same bit for bit). :func:`mapstorch.parallel.run_chunks` shares the ranges out to
+threads. A matrix that is not positive definite (a pivot below 16
 units in the last place of the input's dtype, relative to its diagonal entry) is reported in
 ``ok`` and its row of the output left for the caller to fill (e.g. by a pseudo-inverse).
 """
@@ -19,128 +22,230 @@ from mapstorch.parallel import run_chunks
 __all__ = ["inverse_diagonal", "solve", "packed_stderr"]
 
 _CHUNK = 1024  # matrices per work item
+_LANES = 64  # matrices side by side in the kernels' innermost loops (SIMD over matrices); 64 measured fastest
 
 
-@numba.njit(nogil=True, cache=True)
-def _cholesky(a, p, m, low, rel):  # pragma: no cover - compiled
-    """Lower Cholesky factor of the leading ``m x m`` block of ``a[p]`` into ``low`` (float64);
-    False if not positive definite, counting a pivot below ``rel`` times its diagonal entry
-    (rounding of the input) as zero."""
-    for j in range(m):
-        s = np.float64(a[p, j, j])
-        floor = rel * abs(s)
-        for t in range(j):
-            s -= low[j, t] * low[j, t]
-        if not s > floor:
-            return False
-        d = np.sqrt(s)
-        low[j, j] = d
-        for i in range(j + 1, m):
-            v = np.float64(a[p, i, j])
-            for t in range(j):
-                v -= low[i, t] * low[j, t]
-            low[i, j] = v / d
-    return True
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _cholesky_lanes(a, low, bad, rel, nl):  # pragma: no cover - compiled
+    """Lower Cholesky factors of ``nl`` matrices side by side: ``a, low [K, K, nl]`` float64
+    (the lower triangle of ``a`` read, ``low``'s lower triangle written), the innermost loops
+    over the lanes (SIMD). Right-looking: each column, once final, is taken off the columns to
+    its right, so no loop waits on the one before it; every entry still sees its subtractions
+    in the order of the textbook (left-looking) sums, so the numbers are the same bit for bit.
+    A lane whose pivot is not above ``rel`` times its diagonal entry (rounding of the input) gets
+    ``bad`` set; its factor is then meaningless (NaN or worse), the other lanes unaffected."""
+    k = a.shape[0]
+    for i in range(k):
+        for j in range(i + 1):
+            src = a[i, j]
+            dst = low[i, j]
+            for l in range(nl):
+                dst[l] = src[l]
+    for j in range(k):
+        piv = low[j, j]
+        diag = a[j, j]
+        for l in range(nl):
+            bad[l] |= not piv[l] > rel * abs(diag[l])
+            piv[l] = np.sqrt(piv[l])
+        for i in range(j + 1, k):
+            v = low[i, j]
+            for l in range(nl):
+                v[l] = v[l] / piv[l]
+        for c in range(j + 1, k):
+            lc = low[c, j]
+            for i in range(c, k):
+                li = low[i, j]
+                dst = low[i, c]
+                for l in range(nl):
+                    dst[l] -= li[l] * lc[l]
 
 
-@numba.njit(nogil=True, cache=True)
-def _inverse_diagonal_from(low, m, inv, diag):  # pragma: no cover - compiled
-    """``diag[i] = diag(inv(L L^T))_i = sum_r (L^-1)[r, i]^2`` for the ``m x m`` factor ``low``
-    (``inv``: scratch for ``L^-1``, built column by column by forward substitution)."""
-    for c in range(m):
-        inv[c, c] = 1.0 / low[c, c]
-        for r in range(c + 1, m):
-            v = 0.0
-            for t in range(c, r):
-                v -= low[r, t] * inv[t, c]
-            inv[r, c] = v / low[r, r]
-    for i in range(m):
-        v = 0.0
-        for r in range(i, m):
-            v += inv[r, i] * inv[r, i]
-        diag[i] = v
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _inverse_diagonal_lanes(low, inv, diag, nl):  # pragma: no cover - compiled
+    """``diag[i] = diag(inv(L L^T))_i = sum_r (L^-1)[r, i]^2`` per lane for the factors
+    ``low [K, K, nl]`` (``inv``: scratch for ``L^-1``, built column by column by forward
+    substitution, right-looking as :func:`_cholesky_lanes`); ``diag [K, nl]``."""
+    k = low.shape[0]
+    for c in range(k):
+        icc = inv[c, c]
+        lcc = low[c, c]
+        for l in range(nl):
+            icc[l] = 1.0 / lcc[l]
+        for r in range(c + 1, k):
+            v = inv[r, c]
+            for l in range(nl):
+                v[l] = 0.0
+        for t in range(c, k):
+            itc = inv[t, c]
+            if t > c:
+                ltt = low[t, t]
+                for l in range(nl):
+                    itc[l] = itc[l] / ltt[l]
+            for r in range(t + 1, k):
+                lrt = low[r, t]
+                v = inv[r, c]
+                for l in range(nl):
+                    v[l] -= lrt[l] * itc[l]
+    for i in range(k):
+        d = diag[i]
+        for l in range(nl):
+            d[l] = 0.0
+    for r in range(k):
+        for i in range(r + 1):
+            d = diag[i]
+            iri = inv[r, i]
+            for l in range(nl):
+                d[l] += iri[l] * iri[l]
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _gather_lanes(a, p0, nb, buf, nl):  # pragma: no cover - compiled
+    """The lower triangles of ``a[p0:p0 + nb]`` (``[P, K, K]``) into ``buf [K, K, _LANES]``
+    (float64); lanes past ``nb`` get the identity."""
+    k = a.shape[1]
+    for i in range(k):
+        for j in range(i + 1):
+            dst = buf[i, j]
+            for l in range(nb):
+                dst[l] = a[p0 + l, i, j]
+            for l in range(nb, nl):
+                dst[l] = 1.0 if i == j else 0.0
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _inverse_diagonal(a, lo, hi, out, ok, rel):  # pragma: no cover - compiled
-    """``out[p] = diag(inv(a[p]))`` for ``p`` in ``lo..hi - 1``."""
+    """``out[p] = diag(inv(a[p]))`` for ``p`` in ``lo..hi - 1``, ``_LANES`` matrices at a time."""
+    nl = _LANES  # a run-time trip count: LLVM vectorises the lane loops (a constant one it unrolls)
     k = a.shape[1]
-    low = np.empty((k, k))
-    inv = np.empty((k, k))
-    diag = np.empty(k)
-    for p in range(lo, hi):
-        good = _cholesky(a, p, k, low, rel)
-        ok[p] = good
-        if good:
-            _inverse_diagonal_from(low, k, inv, diag)
-            for i in range(k):
-                out[p, i] = diag[i]
+    buf = np.empty((k, k, nl))
+    low = np.empty((k, k, nl))
+    inv = np.empty((k, k, nl))
+    diag = np.empty((k, nl))
+    bad = np.empty(nl, dtype=np.bool_)
+    for p0 in range(lo, hi, nl):
+        nb = min(nl, hi - p0)
+        _gather_lanes(a, p0, nb, buf, nl)
+        bad[:] = False
+        _cholesky_lanes(buf, low, bad, rel, nl)
+        _inverse_diagonal_lanes(low, inv, diag, nl)
+        for l in range(nb):
+            ok[p0 + l] = not bad[l]
+            if not bad[l]:
+                for i in range(k):
+                    out[p0 + l, i] = diag[i, l]
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _solve(a, b, lo, hi, out, ok, rel):  # pragma: no cover - compiled
-    """``out[p] = inv(a[p]) b[p]`` for ``p`` in ``lo..hi - 1`` (forward and back substitution)."""
+    """``out[p] = inv(a[p]) b[p]`` for ``p`` in ``lo..hi - 1`` (forward and back substitution),
+    ``_LANES`` systems at a time."""
+    nl = _LANES  # a run-time trip count: LLVM vectorises the lane loops (a constant one it unrolls)
     k = a.shape[1]
-    low = np.empty((k, k))
-    z = np.empty(k)
-    for p in range(lo, hi):
-        good = _cholesky(a, p, k, low, rel)
-        ok[p] = good
-        if not good:
-            continue
+    buf = np.empty((k, k, nl))
+    low = np.empty((k, k, nl))
+    z = np.empty((k, nl))
+    bad = np.empty(nl, dtype=np.bool_)
+    for p0 in range(lo, hi, nl):
+        nb = min(nl, hi - p0)
+        _gather_lanes(a, p0, nb, buf, nl)
+        bad[:] = False
+        _cholesky_lanes(buf, low, bad, rel, nl)
         for i in range(k):
-            v = np.float64(b[p, i])
-            for t in range(i):
-                v -= low[i, t] * z[t]
-            z[i] = v / low[i, i]
+            zi = z[i]
+            for l in range(nb):
+                zi[l] = b[p0 + l, i]
+            for l in range(nb, nl):
+                zi[l] = 0.0
+        for t in range(k):  # forward substitution, right-looking (the same order of subtractions)
+            zt = z[t]
+            ltt = low[t, t]
+            for l in range(nl):
+                zt[l] = zt[l] / ltt[l]
+            for i in range(t + 1, k):
+                lit = low[i, t]
+                zi = z[i]
+                for l in range(nl):
+                    zi[l] -= lit[l] * zt[l]
         for i in range(k - 1, -1, -1):
-            v = z[i]
+            zi = z[i]
             for t in range(i + 1, k):
-                v -= low[t, i] * z[t]
-            z[i] = v / low[i, i]
-        for i in range(k):
-            out[p, i] = z[i]
+                lti = low[t, i]
+                zt = z[t]
+                for l in range(nl):
+                    zi[l] -= lti[l] * zt[l]
+            lii = low[i, i]
+            for l in range(nl):
+                zi[l] = zi[l] / lii[l]
+        for l in range(nb):
+            ok[p0 + l] = not bad[l]
+            if not bad[l]:
+                for i in range(k):
+                    out[p0 + l, i] = z[i, l]
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _packed_stderr(upper, active, where, lo, hi, out, ok, rel):  # pragma: no cover - compiled
     """Standard errors from packed symmetric information matrices: for ``p`` in ``lo..hi - 1``,
     the matrix ``A[i, j] = upper[p, where[i, j]]`` restricted to the ``active[p]`` rows and
     columns, scaled to a unit diagonal; ``out[p, i] = sqrt(diag(inv(A))_i)`` where active, NaN
-    elsewhere."""
+    elsewhere. ``_LANES`` pixels at a time, each inactive row and column replaced by the
+    identity's: its factor's entries are then exact zeros, which change no sum, so the numbers
+    are those of the restricted matrix bit for bit."""
+    nl = _LANES  # a run-time trip count: LLVM vectorises the lane loops (a constant one it unrolls)
     k = active.shape[1]
-    idx = np.empty(k, dtype=np.int64)
-    scale = np.empty(k)
-    a = np.empty((1, k, k))
-    low = np.empty((k, k))
-    inv = np.empty((k, k))
-    diag = np.empty(k)
-    for p in range(lo, hi):
-        m = 0
+    buf = np.empty((k, k, nl))
+    low = np.empty((k, k, nl))
+    inv = np.empty((k, k, nl))
+    diag = np.empty((k, nl))
+    scale = np.empty((k, nl))
+    act = np.empty((k, nl), dtype=np.bool_)
+    bad = np.empty(nl, dtype=np.bool_)
+    cols = upper.shape[1]
+    ut = np.zeros((cols, nl))  # the block's packed matrices, lane-minor (lanes past the block: 0)
+    for p0 in range(lo, hi, nl):
+        nb = min(nl, hi - p0)
+        for l in range(nb):
+            src = upper[p0 + l]
+            for c in range(cols):
+                ut[c, l] = src[c]
+        for l in range(nb, nl):
+            for c in range(cols):
+                ut[c, l] = 0.0
+        for l in range(nl):
+            bad[l] = False
         for i in range(k):
-            out[p, i] = np.nan
-            if active[p, i]:
-                idx[m] = i
-                m += 1
-        good = True
-        for r in range(m):
-            d = np.float64(upper[p, where[idx[r], idx[r]]])
-            if not d > 0.0:
-                good = False
-                break
-            scale[r] = 1.0 / np.sqrt(d)
-        if good:
-            for r in range(m):
-                for c in range(r + 1):
-                    v = np.float64(upper[p, where[idx[r], idx[c]]]) * scale[r] * scale[c]
-                    a[0, r, c] = v
-                    a[0, c, r] = v
-            good = _cholesky(a, 0, m, low, rel)
-        ok[p] = good
-        if good:
-            _inverse_diagonal_from(low, m, inv, diag)
-            for i in range(m):
-                out[p, idx[i]] = np.sqrt(max(diag[i], 0.0)) * scale[i]
+            for l in range(nb):
+                act[i, l] = active[p0 + l, i]
+            for l in range(nb, nl):
+                act[i, l] = False
+            d = ut[where[i, i]]
+            si = scale[i]
+            ai = act[i]
+            for l in range(nl):
+                good = d[l] > 0.0
+                bad[l] |= ai[l] and not good
+                si[l] = 1.0 / np.sqrt(d[l]) if ai[l] and good else 1.0
+        for i in range(k):
+            for j in range(i + 1):
+                dst = buf[i, j]
+                u = ut[where[i, j]]
+                si = scale[i]
+                sj = scale[j]
+                ai = act[i]
+                aj = act[j]
+                off = 1.0 if i == j else 0.0
+                for l in range(nl):
+                    v = u[l] * si[l] * sj[l]
+                    dst[l] = v if ai[l] and aj[l] else off
+        _cholesky_lanes(buf, low, bad, rel, nl)
+        _inverse_diagonal_lanes(low, inv, diag, nl)
+        for l in range(nb):
+            ok[p0 + l] = not bad[l]
+            for i in range(k):
+                if act[i, l] and not bad[l]:
+                    out[p0 + l, i] = np.sqrt(max(diag[i, l], 0.0)) * scale[i, l]
+                else:
+                    out[p0 + l, i] = np.nan
 
 
 def _rel(a: np.ndarray) -> float:
