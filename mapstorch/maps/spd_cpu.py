@@ -113,6 +113,15 @@ def _gather_lanes(a, p0, nb, buf, nl):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
+def _factor_block(a, p0, nb, buf, low, bad, rel, nl):  # pragma: no cover - compiled
+    """The Cholesky factors of ``a[p0:p0 + nb]`` (``[P, K, K]``) side by side in ``low``
+    (``buf``: scratch), ``bad`` set for the lanes that are not positive definite."""
+    _gather_lanes(a, p0, nb, buf, nl)
+    bad[:] = False
+    _cholesky_lanes(buf, low, bad, rel, nl)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _inverse_diagonal(a, lo, hi, out, ok, rel):  # pragma: no cover - compiled
     """``out[p] = diag(inv(a[p]))`` for ``p`` in ``lo..hi - 1``, ``_LANES`` matrices at a time."""
     nl = _LANES  # a run-time trip count: LLVM vectorises the lane loops (a constant one it unrolls)
@@ -124,9 +133,7 @@ def _inverse_diagonal(a, lo, hi, out, ok, rel):  # pragma: no cover - compiled
     bad = np.empty(nl, dtype=np.bool_)
     for p0 in range(lo, hi, nl):
         nb = min(nl, hi - p0)
-        _gather_lanes(a, p0, nb, buf, nl)
-        bad[:] = False
-        _cholesky_lanes(buf, low, bad, rel, nl)
+        _factor_block(a, p0, nb, buf, low, bad, rel, nl)
         _inverse_diagonal_lanes(low, inv, diag, nl)
         for l in range(nb):
             ok[p0 + l] = not bad[l]
@@ -147,9 +154,7 @@ def _solve(a, b, lo, hi, out, ok, rel):  # pragma: no cover - compiled
     bad = np.empty(nl, dtype=np.bool_)
     for p0 in range(lo, hi, nl):
         nb = min(nl, hi - p0)
-        _gather_lanes(a, p0, nb, buf, nl)
-        bad[:] = False
-        _cholesky_lanes(buf, low, bad, rel, nl)
+        _factor_block(a, p0, nb, buf, low, bad, rel, nl)
         for i in range(k):
             zi = z[i]
             for l in range(nb):
