@@ -311,3 +311,23 @@ def test_per_detector_files_that_do_not_match(tmp_path):
         read_xrfmaps_h5_detectors([a, b])
     with pytest.raises(DataFileError, match="no files given"):
         read_xrfmaps_h5_detectors([])
+
+
+@pytest.mark.parametrize("damage", ["datatype", "group", "raw-dataset"])
+def test_an_object_of_the_wrong_kind_is_a_clear_error(tmp_path, damage):
+    """Where a dataset is expected and the file holds a group or a named datatype (or a dataset
+    where a group belongs), the error names the path and what is there (hypothesis found a fly
+    scan whose data_a had become a named datatype: an AttributeError from deep inside)."""
+    p = tmp_path / "2xfm_0099_2xfm3__0.h5"
+    with h5py.File(p, "w") as f:
+        if damage == "raw-dataset":
+            f["MAPS_RAW"] = np.zeros(3)
+        else:
+            raw = f.create_group("MAPS_RAW")
+            raw["data_b"] = np.zeros((16, 2, 3), np.int16)
+            if damage == "datatype":
+                raw["data_a"] = np.dtype("f4")  # a committed (named) datatype
+            else:
+                raw.create_group("data_a")
+    with pytest.raises(DataFileError, match=r"MAPS_RAW(/data_a)? is an HDF5 (datatype|group|dataset), not a "):
+        read_flyscan(p)

@@ -92,15 +92,27 @@ def guarded_hdf5(path: str | os.PathLike[str], build, *args):
         raise
 
 
-def _get(f, path: str, required: bool = True):
+_KINDS = {"dataset": "Dataset", "group": "Group"}
+
+
+def _get(f, path: str, required: bool = True, kind: str = "dataset"):
+    """The object at ``path``, which must be a ``kind`` (``"dataset"``, ``"group"`` or ``"any"``):
+    another kind of object there (a group, a named datatype) is a DataFileError, as a missing
+    required one is."""
     try:
         obj = f[path]
     except KeyError:
         if required:
-            raise DataFileError(f"{f.filename}: dataset {path} is missing") from None
+            raise DataFileError(f"{f.filename}: {kind if kind != 'any' else 'object'} {path} is missing") from None
         return None
     except (OSError, RuntimeError, ValueError) as exc:
-        raise DataFileError(f"{f.filename}: dataset {path} cannot be read ({exc})") from None
+        raise DataFileError(f"{f.filename}: {path} cannot be read ({exc})") from None
+    if kind != "any":
+        import h5py
+
+        if not isinstance(obj, getattr(h5py, _KINDS[kind])):
+            raise DataFileError(f"{f.filename}: {path} is an HDF5 {type(obj).__name__.lower()}, not a {kind}; "
+                                "the file does not have the expected layout (damaged, or another program's file)")
     return obj
 
 
@@ -227,12 +239,13 @@ def _xrfmaps_dataset(f) -> Dataset:
         incident = float(np.asarray(fit_values)[fit_names.index("COHERENT_SCT_ENERGY")].ravel()[0])
     provenance: dict[str, object] = {"layout": layout}
     with contextlib.suppress(KeyError, TypeError, ValueError):
-        provenance.update(json.loads(_get(f, "MAPS").attrs["mapstorch_provenance"]))
+        provenance.update(json.loads(_get(f, "MAPS", kind="any").attrs["mapstorch_provenance"]))
     if stamp:
         provenance["scan_time_stamp"] = stamp[0]
     if scan_name:
         provenance["scan_name"] = scan_name[0]
-    routines = sorted(_get(f, "MAPS/XRF_Analyzed").keys()) if _get(f, "MAPS/XRF_Analyzed", False) is not None else []
+    analyzed = _get(f, "MAPS/XRF_Analyzed", required=False, kind="group")
+    routines = sorted(analyzed.keys()) if analyzed is not None else []
     if routines:
         provenance["analyzed_routines"] = ", ".join(routines)
     if incident is not None:
@@ -343,7 +356,7 @@ def read_xrfmaps_results(path: str | os.PathLike[str]) -> dict[str, dict[str, ob
     datasets are integrated spectra, not maps).
     """
     def results(f) -> dict[str, dict[str, object]]:
-        group = _get(f, "MAPS/XRF_Analyzed", required=False)
+        group = _get(f, "MAPS/XRF_Analyzed", required=False, kind="group")
         if group is None:
             raise DataFileError(f"{f.filename}: no /MAPS/XRF_Analyzed group (no fitted maps in this file)")
         out = {}
@@ -352,7 +365,7 @@ def read_xrfmaps_results(path: str | os.PathLike[str]) -> dict[str, dict[str, ob
             cps = np.asarray(_read(f, f"{base}/Counts_Per_Sec"), dtype=np.float64)
             extra = {}
             for key in group[routine]:
-                obj = _get(f, f"{base}/{key}")
+                obj = _get(f, f"{base}/{key}", kind="any")
                 if key in _RESULT_KEYS or not hasattr(obj, "shape") or cps.ndim < 2:
                     continue
                 if len(obj.shape) >= 2 and tuple(obj.shape[-2:]) == cps.shape[-2:]:
@@ -406,7 +419,7 @@ def _fit_length(axis, n: int) -> np.ndarray | None:
 
 def _flyscan_dataset(f, scalers, calibration) -> Dataset:
     p = f.filename
-    raw = _get(f, "MAPS_RAW", required=False)
+    raw = _get(f, "MAPS_RAW", required=False, kind="group")
     if raw is None:
         raise DataFileError(f"{p}: no /MAPS_RAW group; not a raw fly-scan file")
     names = sorted(k for k in raw.keys() if re.fullmatch(r"data_[a-z]", k))
