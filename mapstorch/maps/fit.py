@@ -600,8 +600,8 @@ def _chunk_output(y, a, a_err, counts, counts_err, chi, iters, code, model, bg, 
 
 def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """float32 tensors as numpy arrays. From a GPU all in one copy into page-locked memory: on an
-    H200 host a pageable copy of a 1 M-pixel chunk's maps (288 MB) took 239 ms, a page-locked
-    one 5.6 ms (bench/maps_gpu.py)."""
+    H200 host a pageable copy of a 1 M-pixel chunk's maps (288 MB) took 180-240 ms, a page-locked
+    one 5.5 ms (12 ms with the gathering; bench/RESULTS.md, GPU section)."""
     first = next(iter(tensors.values()))
     if first.device.type != "cuda":
         return {k: v.cpu().numpy() for k, v in tensors.items()}
