@@ -46,9 +46,11 @@ def ensure_venv(name: str, packages: list[str]) -> Path:
     return python
 
 
-def run_json(python: Path, script: Path, args: list[str], timeout: float, threads: int = 2) -> dict:
-    """Run ``script`` with ``python`` (isolated, from a temporary directory); parse its last stdout line."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+def run_json(python: Path, script: Path, args: list[str], timeout: float, threads: int = 2,
+             unset: tuple[str, ...] = ()) -> dict:
+    """Run ``script`` with ``python`` (isolated, from a temporary directory, without the
+    environment variables ``unset``); parse its last stdout line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k not in unset}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,8 +19,9 @@ calibration, components, fit window and incident energy:
   Gaussian peaks only (PyMca's tails are parameterised differently). PyMca loads the whole stack
   into memory first, untimed, and is warmed up on one row.
 
-Our process uses the allocator settings of the ``mapstorch`` command (``mapstorch.allocator``:
-large arrays from the heap, freed memory kept for reuse); PyMca's run with their defaults.
+Our process uses the process settings of the ``mapstorch`` command (``mapstorch.allocator``:
+large arrays from the heap, freed memory kept for reuse; ``mapstorch.openmp``: PyTorch's OpenMP
+threads spin 30,000 turns, not 300,000, after each operation); PyMca's run with their defaults.
 
 Wall-clock timings need an otherwise idle machine (the CPUs' idle fraction over 3 s before the
 run, and the CPU seconds other processes used during it, are reported, with a warning where they
@@ -89,6 +90,10 @@ from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "2")
+from mapstorch.openmp import tune_openmp  # noqa: E402 -- before torch, as the mapstorch command does
+
+_OPENMP_TUNED = tune_openmp()
+_OURS_ONLY = ("GOMP_SPINCOUNT",) if _OPENMP_TUNED else ()  # PyMca runs with its defaults
 
 import h5py
 import numpy as np
@@ -158,7 +163,7 @@ def _peak_rss(path: Path, calibration: np.ndarray, ps, threads: int) -> tuple[fl
         "from mapstorch.io.override import read_override\n"
         "from mapstorch.maps import fit_map\n"
         "from mapstorch.allocator import tune_allocator\n"
-        "tune_allocator()\n"  # as the mapstorch command does
+        "tune_allocator()\n"  # as the mapstorch command does (the OpenMP setting comes with the environment)
         f"ds = _h5_dataset({str(path)!r}, np.array({calibration.tolist()!r}))\n"
         f"fit_map(ds, read_override({str(ovr)!r}), method='nnls')\n"
         # VmHWM (this process's own peak; ru_maxrss would keep the forking parent's peak across exec)
@@ -208,7 +213,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # the allocator settings of the mapstorch command (mapstorch.allocator); PyMca runs in its own
     # processes with its defaults
-    log.info("glibc allocator tuned: %s", tune_allocator())
+    log.info("glibc allocator tuned: %s; OpenMP spin count %s (%s)", tune_allocator(),
+             os.environ.get("GOMP_SPINCOUNT", "default"), "set here" if _OPENMP_TUNED else "from the environment")
 
     idle0 = _cpu_idle()
     if idle0 is not None and idle0 < 0.9:
@@ -296,7 +302,8 @@ def main() -> None:
                    "--snip-width", str(snip), f"--fit-window={window.first},{window.last}",
                    "--noise", repr(noise), "--fano", repr(fano), "--threads", str(args.threads)]
             log.info("pymca: %s %s", BENCH / "_pymca_fast.py", " ".join(cmd))
-            base = run_json(python, BENCH / "_pymca_fast.py", cmd, timeout=args.timeout, threads=args.threads)
+            base = run_json(python, BENCH / "_pymca_fast.py", cmd, timeout=args.timeout, threads=args.threads,
+                            unset=_OURS_ONLY)
             log.info("pymca5 %s: %d pixels in %.2f s = %.0f pixels/s", base["version"], base["pixels"],
                      base["seconds"], base["pixels_per_second"])
             # the nonlinear baseline: PyMca's per-pixel fit (McaAdvancedFitBatch) of the first two rows
@@ -304,7 +311,8 @@ def main() -> None:
             cmd_nl = cmd[:-2] + [  # cmd without its trailing "--threads N"
                 "--rows", "2", "--pixels", str(nl_pixels), "--free", args.pymca_free, "--threads", str(args.threads)]
             log.info("pymca nonlinear: %s %s", BENCH / "_pymca_batch.py", " ".join(cmd_nl))
-            runs_nl = [run_json(python, BENCH / "_pymca_batch.py", cmd_nl, timeout=args.timeout, threads=args.threads)
+            runs_nl = [run_json(python, BENCH / "_pymca_batch.py", cmd_nl, timeout=args.timeout, threads=args.threads,
+                                unset=_OURS_ONLY)
                        for _ in range(args.nonlinear_repeats)]
             base_nl = max(runs_nl, key=lambda r: r["pixels_per_second"])
             base_nl["all_pixels_per_second"] = [round(r["pixels_per_second"], 2) for r in runs_nl]
@@ -358,6 +366,7 @@ def main() -> None:
         "ours_cpu_seconds": round(ours_cpu, 3),
         "baseline_cpu_seconds": round(base["cpu_seconds"], 3) if base else None,
         "cpu_idle_before": None if idle0 is None else round(idle0, 3),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "default"),
         "other_processes_cpu_seconds": None if others is None else round(others, 1),
         "ours_nonconverged": int((r.status != 0).sum()),
         "ours_median_rel_error": {n: round(v["median_abs"], 5) for n, v in rel.items()},

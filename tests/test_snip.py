@@ -220,6 +220,23 @@ def test_compiled_engine_equals_blocked_bit_for_bit(shape, window, dtype):
     # channel-major memory, as the blocked engine's (the map fit works on [Cw, P])
     flat = got.reshape(-1, got.shape[-1])
     assert flat.T.is_contiguous() and got_counts.reshape(-1, got.shape[-1]).T.is_contiguous()
+    # the net counts, written by the compiled engine's last step: the tensor formula's numbers
+    _, _, net = snip_window(y, *CAL, window, engine="compiled", with_window=True, with_net=True)
+    _, _, want_net = snip_window(y, *CAL, window, engine="blocked", with_window=True, with_net=True)
+    assert_same_bits(net, (want_counts - want).clamp(min=0.0))
+    assert_same_bits(want_net, (want_counts - want).clamp(min=0.0))
+    assert net.reshape(-1, net.shape[-1]).T.is_contiguous()
+
+
+def test_net_counts_keep_nan_and_need_the_window():
+    y = peaked_spectra((5, 400), torch.float32)
+    y[2, 200] = float("nan")
+    bg, counts, net = snip_window(y, *CAL, (30, 380), engine="compiled", with_window=True, with_net=True)
+    ref = (counts - bg).clamp(min=0.0)
+    assert torch.equal(torch.isnan(net), torch.isnan(ref)) and bool(torch.isnan(net[2]).any())
+    assert torch.equal(torch.nan_to_num(net), torch.nan_to_num(ref))
+    with pytest.raises(InputError, match="with_window"):
+        snip_window(y, *CAL, (30, 380), with_net=True)
 
 
 def test_compiled_engine_odd_inputs_match_blocked():

@@ -193,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from mapstorch.allocator import tune_allocator
+    from mapstorch.openmp import tune_openmp
+
+    tune_openmp()  # before anything imports torch: OpenMP's threads spin less (mapstorch.openmp)
 
     tune_allocator()  # large arrays from the heap, reused: fewer page faults (mapstorch.allocator)
     try:

@@ -559,10 +559,12 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
     with torch.no_grad():
         # channel-major [Cw, P] in memory throughout (the SNIP works that way): element-wise steps
         # on one memory layout, matrix products by transposed views
-        bg, yw = snip_window(y, off, slope, quad, width, (window.first, window.last), with_window=True)
+        bg, yw, net = snip_window(y, off, slope, quad, width, (window.first, window.last), with_window=True,
+                                  with_net=True)
         bg = bg.T.contiguous().T
         yw = yw.T.contiguous().T
-        a, it, ok = solvers.nnls(design, (yw - bg).clamp_(min=0.0), max_iter=max_iter or 2000)
+        a, it, ok = solvers.nnls(design, net, max_iter=max_iter or 2000)
+        del net
         if method == "poisson":
             # the background is a shape (SNIP of the chunk's summed spectrum: smooth even where a
             # pixel has few counts) with a fitted non-negative amplitude per pixel
@@ -576,10 +578,10 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
         if method == "nonlinear" and nl is not None:
             return _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
         m = torch.addmm(bg.T, design, a.T).T if bg.T.is_contiguous() else a @ design.T + bg
-        w = m.clamp(min=1.0).reciprocal_()  # Poisson weights, shared by the errors and chi-square
+        w, chi = solvers.weights_and_chi2(yw, m)  # the Poisson weights serve the errors too
         se = solvers.poisson_stderr(design, m, a, weights=w)
         dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
-        chi = solvers.pearson_chi2(yw, m, weights=w) / dof
+        chi = chi / dof
         finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
         code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
         a = torch.where(finite[:, None], a, torch.zeros_like(a))  # non-finite: 0, as XRF-Maps

@@ -27,18 +27,25 @@ from torch import Tensor
 from mapstorch.maps import spd_lanes
 
 __all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
-           "pearson_chi2"]
+           "pearson_chi2", "weights_and_chi2"]
 
 log = logging.getLogger(__name__)
 
 
 def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6,
-         start: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+         start: Tensor | None = None, engine: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """Non-negative least squares for every pixel: ``(a [P, K], iterations [P], converged [P])``.
 
     design : ``[C, K]``; target : ``[P, C]``. ``tol`` is relative: a pixel has converged when
-    its projected gradient is below ``tol`` times ``||D^T t||`` (its size at zero).
+    its projected gradient is below ``tol`` times ``||D^T t||`` (its size at zero). A pixel
+    with a non-finite target is not iterated (0 iterations, not converged, NaN amplitudes).
+    ``engine``: ``"compiled"`` runs the iterations pixel by pixel in compiled code
+    (:mod:`nnls_cpu`; each pixel stops when it has converged), ``"torch"`` as tensor operations
+    on the whole batch; ``"auto"`` (default) the compiled one on the CPU where numba works (no
+    gradient, float32/float64), else torch. They agree to rounding.
     """
+    if engine not in ("auto", "compiled", "torch"):
+        raise ValueError(f"engine must be auto, compiled or torch; got {engine!r}")
     norms = torch.linalg.vector_norm(design, dim=0).clamp(min=torch.finfo(design.dtype).tiny)
     d = design / norms
     gram = d.T @ d  # [K, K]
@@ -49,9 +56,14 @@ def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6
         x = (start * norms).clamp(min=0.0)
     else:  # the unconstrained least-squares solution, clipped at 0: most pixels need 1-3 steps from it
         x = (b @ torch.linalg.pinv(gram.double(), hermitian=True).to(b.dtype)).clamp_(min=0.0)
+    if engine != "torch" and _engine("compiled" if engine == "compiled" else "auto", b) == "compiled":
+        arrays = (v.detach().contiguous().numpy() for v in (gram, b, x, scale))
+        xs, iters, done = _nnls_cpu().fista(*arrays, lip, tol, max_iter, torch.get_num_threads())
+        return torch.from_numpy(xs) / norms, torch.from_numpy(iters), torch.from_numpy(done)
     y = x.clone()
     t = torch.ones(b.shape[0], 1, dtype=b.dtype, device=b.device)
     iters = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+    stuck = ~torch.isfinite(scale)  # NaN or infinite data: never converges, so not iterated
     done = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
     every = 1 if b.device.type == "cpu" else 8  # how often to ask whether all are done (a GPU sync)
     for it in range(max_iter):
@@ -68,13 +80,14 @@ def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6
         uphill = ((y_new - x_new) * g_new).sum(1, keepdim=True) > 0
         t_new = torch.where(uphill, torch.ones_like(t_new), t_new)
         y_new = torch.where(uphill, x_new, y_new)
-        keep = done[:, None]
+        frozen = done | stuck
+        keep = frozen[:, None]
         x = torch.where(keep, x, x_new)
         y = torch.where(keep, y, y_new)
         t = torch.where(keep, t, t_new)
-        iters = torch.where(done, iters, torch.full_like(iters, it + 1))
-        done = done | now
-        if (it + 1) % every == 0 and bool(done.all()):
+        iters = torch.where(frozen, iters, torch.full_like(iters, it + 1))
+        done = done | (now & ~stuck)
+        if (it + 1) % every == 0 and bool((done | stuck).all()):
             break
     return x / norms, iters, done
 
@@ -187,6 +200,22 @@ def weighted_pairs(weights: Tensor, pairs: Tensor, plan: list[tuple[int, int, Te
 
 
 @functools.lru_cache(maxsize=1)
+def _nnls_cpu():
+    """The compiled NNLS iterations (:mod:`nnls_cpu`); called where :func:`_spd_cpu` found numba."""
+    from mapstorch.maps import nnls_cpu
+
+    return nnls_cpu
+
+
+@functools.lru_cache(maxsize=1)
+def _chi2_cpu():
+    """The compiled weights and chi-square pass (:mod:`chi2_cpu`); called where :func:`_spd_cpu` found numba."""
+    from mapstorch.maps import chi2_cpu
+
+    return chi2_cpu
+
+
+@functools.lru_cache(maxsize=1)
 def _spd_cpu():
     """The compiled small-matrix kernels (:mod:`spd_cpu`), or None where numba is unusable."""
     try:
@@ -264,3 +293,18 @@ def pearson_chi2(counts: Tensor, model: Tensor, weights: Tensor | None = None) -
     """``sum_c (y - m)^2 / max(m, 1)`` per pixel ``[P]`` (``weights``: ``1 / max(m, 1)``)."""
     w = weights if weights is not None else model.clamp(min=1.0).reciprocal_()
     return (counts - model).square_().mul_(w).sum(-1)
+
+
+def weights_and_chi2(counts: Tensor, model: Tensor) -> tuple[Tensor, Tensor]:
+    """``(w [P, C], chi2 [P])``: the Poisson weights ``1 / max(m, 1)`` and :func:`pearson_chi2`.
+
+    On the CPU (numba usable, no gradient, float32/float64) for channel-major ``counts`` and
+    ``model`` (``[P, C]`` views of ``[C, P]`` memory, as in a map fit) in one compiled pass
+    (:mod:`chi2_cpu`; the sums in float64, ``w`` channel-major too); otherwise as tensor
+    operations. ``chi2`` has the dtype of the inputs."""
+    channel_major = counts.T.is_contiguous() and model.T.is_contiguous() and counts.dtype == model.dtype
+    if channel_major and _engine("auto", model) == "compiled" and not counts.requires_grad:
+        w, chi = _chi2_cpu().weights_and_chi2(counts.T.numpy(), model.T.numpy(), torch.get_num_threads())
+        return torch.from_numpy(w).T, torch.from_numpy(chi).to(model.dtype)
+    w = model.clamp(min=1.0).reciprocal()
+    return w, pearson_chi2(counts, model, weights=w)

@@ -14,7 +14,7 @@ numbers bit for bit, done a chunk of spectra at a time so that the chunk's chann
 3. compiled: every pass of the clipping ``v[c] = min(v[c], 0.5 * (v[lo] + v[hi]))``, channel
    after channel in XRF-Maps' order, the innermost loop over the chunk's spectra (SIMD);
 4. NumPy: ``exp``, ``- 1``, ``exp``; compiled: ``- 1``, non-finite values to 0, and the chunk
-   written into the channel-major result.
+   written into the channel-major result (and, if asked, the net counts ``max(y - bg, 0)``).
 
 Chunks are shared out to ``n_threads`` Python threads (the compiled functions and NumPy's
 ufuncs release the GIL). Importing this module compiles nothing; the functions compile on their
@@ -130,15 +130,24 @@ def _sweep_chunk(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _store_chunk(v, nb, one, out, p0):  # pragma: no cover - compiled
-    """``out[:, p0:p0 + nb] = v - 1`` with non-finite values 0; ``v [Cw, >= nb]``."""
+def _store_chunk(v, nb, one, out, p0, t, r0, net):  # pragma: no cover - compiled
+    """``out[:, p0:p0 + nb] = v - 1`` with non-finite values 0; ``v [Cw, >= nb]``. When ``net``
+    has rows, also ``net[:, p0:p0 + nb] = max(counts - background, 0)`` (NaN kept, as torch's
+    clamp), the counts of window channel ``c`` read from row ``r0 + c`` of the transposed crop ``t``."""
     zero = one - one
+    with_net = net.shape[0] > 0
     for c in range(v.shape[0]):
         src = v[c, :nb]
         dst = out[c, p0:p0 + nb]
         for j in range(nb):
             e = src[j] - one
             dst[j] = e if e - e == zero else zero
+        if with_net:
+            cnt = t[r0 + c, :nb]
+            dn = net[c, p0:p0 + nb]
+            for j in range(nb):
+                d = cnt[j] - dst[j]
+                dn[j] = zero if d < zero else d
 
 
 def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_limit: int
@@ -171,13 +180,16 @@ def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_li
 
 
 def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarray, np.ndarray, np.ndarray],
-                    with_counts: bool = False, n_threads: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+                    with_counts: bool = False, n_threads: int = 1, with_net: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """XRF-Maps' SNIP background of pixel-major spectra ``x [P, C]`` (C-contiguous float32 or
     float64) over the window channels ``first..last``, channel-major: ``[Cw, P]``.
 
     steps : the clipping steps ``(channel, lo, hi)`` in window channels (:func:`sweep_steps`).
     With ``with_counts`` also returns the window's counts ``x[:, first:last + 1].T`` as a
-    C-contiguous ``[Cw, P]`` (else None). Runs on up to ``n_threads`` threads.
+    C-contiguous ``[Cw, P]`` (else None); with ``with_net`` third the net counts
+    ``max(counts - background, 0)``, ``[Cw, P]``, written while the chunk is in the cache.
+    Runs on up to ``n_threads`` threads.
     """
     if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype not in (np.float32, np.float64) \
             or not x.flags.c_contiguous:
@@ -197,6 +209,8 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     fifth, one, half = dtype(0.2), dtype(1.0), dtype(0.5)
     out = np.empty((n_w, n_pix), dtype=x.dtype)
     counts = np.empty((n_w, n_pix) if with_counts else (0, 0), dtype=x.dtype)
+    net = np.empty((n_w, n_pix) if with_net else (0, 0), dtype=x.dtype)
+    r0 = first - max(first - 2, 0)  # the crop row of window channel 0
     chunk = chunk_size(n_w, x.dtype.itemsize)
     n_x = min(last + 3, n) - max(first - 2, 0)
 
@@ -217,7 +231,9 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
                 np.exp(v, out=v)
                 v -= one
                 np.exp(v, out=v)
-                _store_chunk(v, nb, one, out, p0)
+                _store_chunk(v, nb, one, out, p0, t, r0, net)
 
     run_chunks(work, -(-n_pix // chunk), n_threads, name="mapstorch-snip")
+    if with_net:
+        return out, (counts if with_counts else None), net
     return out, (counts if with_counts else None)
