@@ -577,26 +577,29 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
             it = it + it2
         if method == "nonlinear" and nl is not None:
             return _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
-        m = torch.addmm(bg.T, design, a.T).T if bg.T.is_contiguous() else a @ design.T + bg
-        w, chi = solvers.weights_and_chi2(yw, m)  # the Poisson weights serve the errors too
-        se = solvers.poisson_stderr(design, m, a, weights=w)
+        if not bg.T.is_contiguous():  # the poisson method's background: channel-major like the rest
+            bg = bg.T.contiguous().T
+        # the model m = a D^T + bg is not stored: its weights (which serve the errors too), chi-square and sum
+        w, chi, model_sum = solvers.model_weights_chi2(design, a, bg, yw)
+        se = solvers.poisson_stderr(design, None, a, weights=w)
         dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
         chi = chi / dof
         finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
         code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
         a = torch.where(finite[:, None], a, torch.zeros_like(a))  # non-finite: 0, as XRF-Maps
-        return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, m, bg)
+        return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, model_sum, bg.sum(0).double())
 
 
-def _chunk_output(y, a, a_err, counts, counts_err, chi, iters, code, model, bg, **more) -> dict[str, np.ndarray]:
+def _chunk_output(y, a, a_err, counts, counts_err, chi, iters, code, model_sum, bg_sum, **more
+                  ) -> dict[str, np.ndarray]:
     """A chunk's results as numpy arrays: ``[K, P]`` maps, ``[P]`` per-pixel values, and the
-    model and background summed over the chunk's pixels (``integrated_*``, ``[window channels]``)."""
+    model and background summed over the chunk's pixels (``integrated_*``, ``[window channels]``,
+    given as float64 tensors)."""
     floats = {"amplitudes": a.T, "amplitudes_stderr": a_err.T, "counts": counts.T, "stderr": counts_err.T,
               "rchi2": chi, "total_counts": y.sum(1), **more}
     out = _to_host({k: v.float() for k, v in floats.items()})
     out.update(iterations=iters.int().cpu().numpy(), status=code.cpu().numpy(),
-               integrated_fit=model.sum(0).double().cpu().numpy(),
-               integrated_background=bg.sum(0).double().cpu().numpy())
+               integrated_fit=model_sum.cpu().numpy(), integrated_background=bg_sum.cpu().numpy())
     return out
 
 
@@ -641,7 +644,7 @@ def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None) -> 
         code = torch.where(finite, torch.where(res["converged"], 0, 1), 2).to(torch.int8)
         a = torch.where(finite[:, None], a, torch.zeros_like(a))
     return _chunk_output(y, a, err[:, n:], a * res["unit"], err[:, n:] * res["unit"], chi, it0 + res["iterations"],
-                         code, m, bg, parameters=th.T, parameters_stderr=err[:, :n].T)
+                         code, m.sum(0).double(), bg.sum(0).double(), parameters=th.T, parameters_stderr=err[:, :n].T)
 
 
 class _ChunkStore:

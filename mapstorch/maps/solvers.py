@@ -27,7 +27,7 @@ from torch import Tensor
 from mapstorch.maps import spd_lanes
 
 __all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
-           "pearson_chi2", "weights_and_chi2"]
+           "pearson_chi2", "model_weights_chi2"]
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,15 @@ def poisson(design: Tensor, counts: Tensor, background: Tensor, start: Tensor, m
     return a, iters, done
 
 
-def poisson_stderr(design: Tensor, model: Tensor, amplitudes: Tensor, weights: Tensor | None = None,
+def poisson_stderr(design: Tensor, model: Tensor | None, amplitudes: Tensor, weights: Tensor | None = None,
                    engine: str = "auto") -> Tensor:
     """Standard errors ``[P, K]`` of the amplitudes from the Fisher information
     ``D^T diag(1 / m) D`` over the non-zero amplitudes of each pixel (others: NaN).
-    ``weights``: ``1 / max(m, 1)`` when already computed. ``engine``: see :func:`inverse_diagonal`."""
+    ``weights``: ``1 / max(m, 1)`` when already computed (then ``model`` may be None).
+    ``engine``: see :func:`inverse_diagonal`."""
     k = design.shape[1]
+    if weights is None and model is None:
+        raise ValueError("poisson_stderr needs the model or its weights")
     w = weights if weights is not None else model.clamp(min=1.0).reciprocal_()  # [P, C]
     # matrix products over the K (K + 1) / 2 distinct entries of the symmetric information
     iu = torch.triu_indices(k, k, device=design.device)
@@ -209,7 +212,7 @@ def _nnls_cpu():
 
 @functools.lru_cache(maxsize=1)
 def _chi2_cpu():
-    """The compiled weights and chi-square pass (:mod:`chi2_cpu`); called where :func:`_spd_cpu` found numba."""
+    """The compiled model, weights and chi-square pass (:mod:`chi2_cpu`); called where :func:`_spd_cpu` found numba."""
     from mapstorch.maps import chi2_cpu
 
     return chi2_cpu
@@ -295,16 +298,27 @@ def pearson_chi2(counts: Tensor, model: Tensor, weights: Tensor | None = None) -
     return (counts - model).square_().mul_(w).sum(-1)
 
 
-def weights_and_chi2(counts: Tensor, model: Tensor) -> tuple[Tensor, Tensor]:
-    """``(w [P, C], chi2 [P])``: the Poisson weights ``1 / max(m, 1)`` and :func:`pearson_chi2`.
+def model_weights_chi2(design: Tensor, amplitudes: Tensor, background: Tensor, counts: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w [P, C], chi2 [P], model summed over the pixels [C] (float64))`` for the model
+    ``m = amplitudes @ design.T + background``: the Poisson weights ``1 / max(m, 1)`` and
+    :func:`pearson_chi2`.
 
-    On the CPU (numba usable, no gradient, float32/float64) for channel-major ``counts`` and
-    ``model`` (``[P, C]`` views of ``[C, P]`` memory, as in a map fit) in one compiled pass
-    (:mod:`chi2_cpu`; the sums in float64, ``w`` channel-major too); otherwise as tensor
-    operations. ``chi2`` has the dtype of the inputs."""
-    channel_major = counts.T.is_contiguous() and model.T.is_contiguous() and counts.dtype == model.dtype
-    if channel_major and _engine("auto", model) == "compiled" and not counts.requires_grad:
-        w, chi = _chi2_cpu().weights_and_chi2(counts.T.numpy(), model.T.numpy(), torch.get_num_threads())
-        return torch.from_numpy(w).T, torch.from_numpy(chi).to(model.dtype)
-    w = model.clamp(min=1.0).reciprocal()
-    return w, pearson_chi2(counts, model, weights=w)
+    On the CPU (numba usable, no gradient, float32/float64) with channel-major ``background`` and
+    ``counts`` (``[P, C]`` views of ``[C, P]`` memory, as in a map fit): one compiled pass that
+    does not store the model (:mod:`chi2_cpu`; ``w`` channel-major too, the sums in float64, the
+    model's sum from the amplitudes' sums). Otherwise tensor operations. ``chi2`` has the dtype
+    of the inputs."""
+    channel_major = counts.T.is_contiguous() and background.T.is_contiguous()
+    same = counts.dtype == background.dtype == amplitudes.dtype == design.dtype
+    if channel_major and same and _engine("auto", background) == "compiled" \
+            and not (counts.requires_grad or amplitudes.requires_grad or design.requires_grad):
+        w, chi = _chi2_cpu().model_weights_chi2(design.detach().contiguous().numpy(),
+                                                amplitudes.detach().contiguous().numpy(), background.T.numpy(),
+                                                counts.T.numpy(), torch.get_num_threads())
+        total = background.sum(0).double() + design.double() @ amplitudes.double().sum(0)
+        return torch.from_numpy(w).T, torch.from_numpy(chi).to(counts.dtype), total
+    m = torch.addmm(background.T, design, amplitudes.T).T if background.T.is_contiguous() \
+        else amplitudes @ design.T + background
+    w = m.clamp(min=1.0).reciprocal()
+    return w, pearson_chi2(counts, m, weights=w), m.sum(0).double()
