@@ -220,23 +220,32 @@ def test_compiled_engine_equals_blocked_bit_for_bit(shape, window, dtype):
     # channel-major memory, as the blocked engine's (the map fit works on [Cw, P])
     flat = got.reshape(-1, got.shape[-1])
     assert flat.T.is_contiguous() and got_counts.reshape(-1, got.shape[-1]).T.is_contiguous()
-    # the net counts, written by the compiled engine's last step: the tensor formula's numbers
-    _, _, net = snip_window(y, *CAL, window, engine="compiled", with_window=True, with_net=True)
-    _, _, want_net = snip_window(y, *CAL, window, engine="blocked", with_window=True, with_net=True)
-    assert_same_bits(net, (want_counts - want).clamp(min=0.0))
-    assert_same_bits(want_net, (want_counts - want).clamp(min=0.0))
-    assert net.reshape(-1, net.shape[-1]).T.is_contiguous()
+    # the net counts projected on a matrix's columns (the NNLS's right-hand side), summed by the
+    # compiled engine's last step over the matrix's non-zeros: the product's numbers to rounding
+    n_w = window[1] - window[0] + 1
+    gen = torch.Generator().manual_seed(1)
+    mat = torch.rand(n_w, 5, generator=gen, dtype=dtype) * (torch.rand(n_w, 5, generator=gen) > 0.5)
+    _, _, proj = snip_window(y, *CAL, window, engine="compiled", with_window=True, project=mat)
+    _, _, want_proj = snip_window(y, *CAL, window, engine="blocked", with_window=True, project=mat)
+    ref = (want_counts - want).clamp(min=0.0).double() @ mat.double()
+    assert proj.shape == want_proj.shape == (*y.shape[:-1], 5) and proj.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(proj.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    torch.testing.assert_close(want_proj.double(), ref, rtol=tol * 10, atol=tol * 10 * float(ref.abs().max()))
 
 
-def test_net_counts_keep_nan_and_need_the_window():
+def test_projected_net_counts_keep_nan_and_check_their_input():
     y = peaked_spectra((5, 400), torch.float32)
     y[2, 200] = float("nan")
-    bg, counts, net = snip_window(y, *CAL, (30, 380), engine="compiled", with_window=True, with_net=True)
-    ref = (counts - bg).clamp(min=0.0)
-    assert torch.equal(torch.isnan(net), torch.isnan(ref)) and bool(torch.isnan(net[2]).any())
-    assert torch.equal(torch.nan_to_num(net), torch.nan_to_num(ref))
+    mat = torch.ones(351, 2)
+    mat[150:, 1] = 0.0  # column 1 does not see window channel 170 (spectrum channel 200)
+    bg, counts, proj = snip_window(y, *CAL, (30, 380), engine="compiled", with_window=True, project=mat)
+    assert bool(torch.isnan(proj[2, 0])) and bool(torch.isfinite(proj[2, 1]))
+    assert bool(torch.isfinite(proj[[0, 1, 3, 4]]).all())
     with pytest.raises(InputError, match="with_window"):
-        snip_window(y, *CAL, (30, 380), with_net=True)
+        snip_window(y, *CAL, (30, 380), project=mat)
+    with pytest.raises(InputError, match="window channels"):
+        snip_window(y, *CAL, (30, 380), with_window=True, project=mat[:-1])
 
 
 def test_compiled_engine_odd_inputs_match_blocked():

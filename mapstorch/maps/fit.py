@@ -559,12 +559,12 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
     with torch.no_grad():
         # channel-major [Cw, P] in memory throughout (the SNIP works that way): element-wise steps
         # on one memory layout, matrix products by transposed views
-        bg, yw, net = snip_window(y, off, slope, quad, width, (window.first, window.last), with_window=True,
-                                  with_net=True)
+        # the NNLS needs the net counts max(y - bg, 0) only through their projections on the design
+        bg, yw, rhs = snip_window(y, off, slope, quad, width, (window.first, window.last), with_window=True,
+                                  project=design)
         bg = bg.T.contiguous().T
         yw = yw.T.contiguous().T
-        a, it, ok = solvers.nnls(design, net, max_iter=max_iter or 2000)
-        del net
+        a, it, ok = solvers.nnls(design, None, max_iter=max_iter or 2000, rhs=rhs)
         if method == "poisson":
             # the background is a shape (SNIP of the chunk's summed spectrum: smooth even where a
             # pixel has few counts) with a fitted non-negative amplitude per pixel

@@ -32,11 +32,13 @@ __all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs",
 log = logging.getLogger(__name__)
 
 
-def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6,
-         start: Tensor | None = None, engine: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+def nnls(design: Tensor, target: Tensor | None, max_iter: int = 2000, tol: float = 1e-6,
+         start: Tensor | None = None, engine: str = "auto", rhs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Non-negative least squares for every pixel: ``(a [P, K], iterations [P], converged [P])``.
 
-    design : ``[C, K]``; target : ``[P, C]``. ``tol`` is relative: a pixel has converged when
+    design : ``[C, K]``; target : ``[P, C]``, or None with ``rhs = target @ design [P, K]``
+    computed already (e.g. by :func:`mapstorch.physics.snip.snip_window`'s ``project``); the
+    target is needed for nothing else. ``tol`` is relative: a pixel has converged when
     its projected gradient is below ``tol`` times ``||D^T t||`` (its size at zero). A pixel
     with a non-finite target is not iterated (0 iterations, not converged, NaN amplitudes).
     ``engine``: ``"compiled"`` runs the iterations pixel by pixel in compiled code
@@ -50,7 +52,14 @@ def nnls(design: Tensor, target: Tensor, max_iter: int = 2000, tol: float = 1e-6
     d = design / norms
     gram = d.T @ d  # [K, K]
     lip = float(torch.linalg.eigvalsh(gram.double()).max()) * 1.0001
-    b = target @ d  # [P, K]
+    if rhs is not None:
+        if rhs.dim() != 2 or rhs.shape[1] != design.shape[1]:
+            raise ValueError(f"nnls: rhs must be [P, {design.shape[1]}], got {tuple(rhs.shape)}")
+        b = rhs / norms  # = target @ d
+    elif target is not None:
+        b = target @ d  # [P, K]
+    else:
+        raise ValueError("nnls needs the target or its rhs = target @ design")
     scale = torch.linalg.vector_norm(b, dim=1).clamp(min=torch.finfo(design.dtype).tiny)
     if start is not None:
         x = (start * norms).clamp(min=0.0)

@@ -373,16 +373,17 @@ def _snip_window_numpy(spectra: Tensor, widths, a0: int, b0: int, a: int, b: int
 
 
 def _snip_window_compiled(spectra: Tensor, widths, a: int, b: int, first: int, last: int, lo_limit: int,
-                          up_limit: int, with_window: bool = False, with_net: bool = False):
+                          up_limit: int, with_window: bool = False, project: Tensor | None = None):
     """:func:`snip_window` with the compiled CPU engine (:mod:`snip_cpu`): the same numbers as
     :func:`_snip_window_numpy`, read from pixel-major spectra, returned channel-major in memory
     (transposed views) as the blocked engine's, on up to ``torch.get_num_threads()`` threads."""
     lead, n = spectra.shape[:-1], spectra.shape[-1]
     x = spectra.detach().reshape(-1, n).contiguous().numpy()  # [P, C]
     steps = _cpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit)
-    arrays = _snip_cpu().snip_window_cpu(x, first, last, steps, with_window, torch.get_num_threads(),
-                                         with_net=with_net)  # [Cw, P] each
-    out = tuple(torch.from_numpy(v).T.reshape(*lead, last - first + 1) for v in arrays if v is not None)
+    mat = None if project is None else project.detach().to(spectra.dtype).numpy()
+    bg, counts, *proj = _snip_cpu().snip_window_cpu(x, first, last, steps, with_window, torch.get_num_threads(),
+                                                    project=mat)  # [Cw, P]; [K, P]
+    out = tuple(torch.from_numpy(v).T.reshape(*lead, v.shape[0]) for v in (bg, counts, *proj) if v is not None)
     return out if with_window else out[0]
 
 
@@ -395,7 +396,7 @@ def snip_window(
     window: tuple[int, int],
     engine: str = "auto",
     with_window: bool = False,
-    with_net: bool = False,
+    project: Tensor | None = None,
 ):
     """The XRF-Maps SNIP background over the fit window only: ``[..., last - first + 1]``.
 
@@ -417,23 +418,32 @@ def snip_window(
     imports (and the spectra need no gradient), else the blocked one (also if the compiled one
     ever fails to compile or run: a warning says why); the pointer jumping elsewhere.
     ``with_window=True`` returns ``(background, spectra over the window)``, both ``[..., Cw]`` and
-    channel-major in memory where the engine works that way (transposed views); with
-    ``with_net=True`` as well a third, the net counts ``max(spectra - background, 0)`` over the
-    window (what XRF-Maps' NNLS fits; the compiled engine writes them while each chunk of spectra
-    is in the cache).
+    channel-major in memory where the engine works that way (transposed views). With ``project``
+    (``[Cw, K]``, a CPU tensor; needs ``with_window``) as well a third, ``[..., K]``: the net counts
+    ``max(spectra - background, 0)`` over the window (what XRF-Maps' NNLS fits) projected on the
+    columns of ``project``, the right-hand side of a least-squares fit of the net counts. The
+    compiled engine sums them while each chunk of spectra is in the cache, over the non-zero
+    entries of ``project``, channel after channel (the net counts are never stored); the other
+    engines compute ``net @ project``. Both sum in the spectra's dtype.
     """
-    if with_net and not with_window:
-        raise InputError("snip_window: with_net=True needs with_window=True (it returns background, window, net)")
-    out = _snip_window(spectra, offset, slope, quadratic, width, window, engine, with_window, with_net)
-    if with_net and len(out) == 2:  # engines other than the compiled one
+    if project is not None:
+        if not with_window:
+            raise InputError("snip_window: project= needs with_window=True (it returns background, window, "
+                             "projections)")
+        if project.dim() != 2 or project.shape[0] != int(window[1]) - int(window[0]) + 1:
+            raise InputError(f"snip_window: project must be [window channels, K] = [{int(window[1]) - int(window[0]) + 1}"
+                             f", K], got {tuple(project.shape)}")
+    out = _snip_window(spectra, offset, slope, quadratic, width, window, engine, with_window, project)
+    if project is not None and len(out) == 2:  # engines other than the compiled one
         bg, counts = out
-        return bg, counts, (counts - bg).clamp(min=0.0)
+        return bg, counts, (counts - bg).clamp(min=0.0) @ project.to(device=bg.device, dtype=bg.dtype)
     return out
 
 
 def _snip_window(spectra: Tensor, offset: float, slope: float, quadratic: float, width: float,
-                 window: tuple[int, int], engine: str, with_window: bool, compiled_net: bool):
-    """:func:`snip_window`'s work; the compiled engine adds the net counts where ``compiled_net``."""
+                 window: tuple[int, int], engine: str, with_window: bool, project: Tensor | None):
+    """:func:`snip_window`'s work; the compiled engine adds the projections of the net counts
+    (the others leave them to the caller)."""
     if engine not in _ENGINES:
         raise InputError(f"SNIP engine must be one of {', '.join(_ENGINES)}; got {engine!r}")
     n = spectra.shape[-1]
@@ -483,7 +493,7 @@ def _snip_window(spectra: Tensor, offset: float, slope: float, quadratic: float,
     if engine == "compiled":
         try:
             return _snip_window_compiled(spectra, widths, a, b, first, last, lo_limit, up_limit, with_window,
-                                         with_net=compiled_net)
+                                         project=project)
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 -- numba failed to compile or run here

@@ -14,7 +14,8 @@ numbers bit for bit, done a chunk of spectra at a time so that the chunk's chann
 3. compiled: every pass of the clipping ``v[c] = min(v[c], 0.5 * (v[lo] + v[hi]))``, channel
    after channel in XRF-Maps' order, the innermost loop over the chunk's spectra (SIMD);
 4. NumPy: ``exp``, ``- 1``, ``exp``; compiled: ``- 1``, non-finite values to 0, and the chunk
-   written into the channel-major result (and, if asked, the net counts ``max(y - bg, 0)``).
+   written into the channel-major result (and, if asked, the net counts ``max(y - bg, 0)``
+   projected on the columns of a matrix: the right-hand side of the NNLS).
 
 Chunks are shared out to ``n_threads`` Python threads (the compiled functions and NumPy's
 ufuncs release the GIL). Importing this module compiles nothing; the functions compile on their
@@ -130,24 +131,59 @@ def _sweep_chunk(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _store_chunk(v, nb, one, out, p0, t, r0, net):  # pragma: no cover - compiled
-    """``out[:, p0:p0 + nb] = v - 1`` with non-finite values 0; ``v [Cw, >= nb]``. When ``net``
-    has rows, also ``net[:, p0:p0 + nb] = max(counts - background, 0)`` (NaN kept, as torch's
-    clamp), the counts of window channel ``c`` read from row ``r0 + c`` of the transposed crop ``t``."""
+def _store_chunk(v, nb, one, out, p0, t, r0, dval, dcol, dptr, pacc, proj):  # pragma: no cover - compiled
+    """``out[:, p0:p0 + nb] = v - 1`` with non-finite values 0; ``v [Cw, >= nb]``. When ``proj``
+    has rows, also the net counts ``max(counts - background, 0)`` (NaN kept, as torch's clamp)
+    projected on the columns of a matrix given by its non-zeros per window channel (``dval``,
+    ``dcol``, ``dptr``: channel ``c``'s entries ``dptr[c] .. dptr[c + 1] - 1``), summed channel
+    after channel into ``pacc [K, >= nb]`` (in the data's dtype, as a matrix product would) and
+    written to ``proj[:, p0:p0 + nb]``; the counts of window channel ``c`` are row ``r0 + c`` of
+    the transposed crop ``t``, and ``v``'s row ``c`` is overwritten with its net counts."""
     zero = one - one
-    with_net = net.shape[0] > 0
+    with_proj = proj.shape[0] > 0
+    if with_proj:
+        for k in range(pacc.shape[0]):
+            pk = pacc[k]
+            for j in range(nb):
+                pk[j] = zero
     for c in range(v.shape[0]):
         src = v[c, :nb]
         dst = out[c, p0:p0 + nb]
         for j in range(nb):
             e = src[j] - one
             dst[j] = e if e - e == zero else zero
-        if with_net:
+        if with_proj and dptr[c + 1] > dptr[c]:
             cnt = t[r0 + c, :nb]
-            dn = net[c, p0:p0 + nb]
-            for j in range(nb):
+            for j in range(nb):  # the row is done with: it takes the net counts
                 d = cnt[j] - dst[j]
-                dn[j] = zero if d < zero else d
+                src[j] = zero if d < zero else d
+            e = dptr[c]
+            end = dptr[c + 1]
+            while e + 3 <= end:  # three columns per pass over the lanes (LLVM still vectorises
+                p1 = pacc[dcol[e]]  # three rows with its run-time overlap checks; four it does not)
+                p2 = pacc[dcol[e + 1]]
+                p3 = pacc[dcol[e + 2]]
+                c1 = dval[e]
+                c2 = dval[e + 1]
+                c3 = dval[e + 2]
+                for j in range(nb):
+                    s = src[j]
+                    p1[j] += c1 * s
+                    p2[j] += c2 * s
+                    p3[j] += c3 * s
+                e += 3
+            while e < end:
+                coef = dval[e]
+                pk = pacc[dcol[e]]
+                for j in range(nb):
+                    pk[j] += coef * src[j]
+                e += 1
+    if with_proj:
+        for k in range(proj.shape[0]):
+            pk = pacc[k]
+            dst = proj[k, p0:p0 + nb]
+            for j in range(nb):
+                dst[j] = pk[j]
 
 
 def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_limit: int
@@ -180,16 +216,18 @@ def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_li
 
 
 def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarray, np.ndarray, np.ndarray],
-                    with_counts: bool = False, n_threads: int = 1, with_net: bool = False
+                    with_counts: bool = False, n_threads: int = 1, project: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """XRF-Maps' SNIP background of pixel-major spectra ``x [P, C]`` (C-contiguous float32 or
     float64) over the window channels ``first..last``, channel-major: ``[Cw, P]``.
 
     steps : the clipping steps ``(channel, lo, hi)`` in window channels (:func:`sweep_steps`).
     With ``with_counts`` also returns the window's counts ``x[:, first:last + 1].T`` as a
-    C-contiguous ``[Cw, P]`` (else None); with ``with_net`` third the net counts
-    ``max(counts - background, 0)``, ``[Cw, P]``, written while the chunk is in the cache.
-    Runs on up to ``n_threads`` threads.
+    C-contiguous ``[Cw, P]`` (else None). With ``project`` (``[Cw, K]``) third the net counts
+    ``max(counts - background, 0)`` projected on its columns, ``[K, P]``: the right-hand side of
+    a least-squares fit of the net counts, computed while each chunk of spectra is in the cache
+    (the net counts themselves are not stored), over the matrix's non-zero entries, summed
+    channel after channel in ``x``'s dtype. Runs on up to ``n_threads`` threads.
     """
     if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype not in (np.float32, np.float64) \
             or not x.flags.c_contiguous:
@@ -209,14 +247,28 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     fifth, one, half = dtype(0.2), dtype(1.0), dtype(0.5)
     out = np.empty((n_w, n_pix), dtype=x.dtype)
     counts = np.empty((n_w, n_pix) if with_counts else (0, 0), dtype=x.dtype)
-    net = np.empty((n_w, n_pix) if with_net else (0, 0), dtype=x.dtype)
     r0 = first - max(first - 2, 0)  # the crop row of window channel 0
     chunk = chunk_size(n_w, x.dtype.itemsize)
+    if project is not None:
+        project = np.asarray(project)
+        if project.ndim != 2 or project.shape[0] != n_w:
+            raise InputError(f"the matrix to project the net counts on must be [{n_w}, K] (window channels first), "
+                             f"got {project.shape}")
+        rows, cols = np.nonzero(project)  # row-major: each channel's non-zeros, by column
+        dptr = np.zeros(n_w + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_w), out=dptr[1:])
+        dval = project[rows, cols].astype(x.dtype)
+        dcol = cols.astype(np.int64)
+        proj = np.empty((project.shape[1], n_pix), dtype=x.dtype)
+    else:
+        dptr, dval, dcol = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=x.dtype), np.zeros(0, dtype=np.int64)
+        proj = np.empty((0, 0), dtype=x.dtype)
     n_x = min(last + 3, n) - max(first - 2, 0)
 
     def work(chunks):
         t = np.empty((n_x, chunk), dtype=x.dtype)  # this thread's scratch and slab
         slab = np.empty((n_w, chunk), dtype=x.dtype)
+        pacc = np.empty((proj.shape[0], chunk), dtype=x.dtype)  # the projections' sums
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for i in chunks:
                 p0 = i * chunk
@@ -231,9 +283,9 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
                 np.exp(v, out=v)
                 v -= one
                 np.exp(v, out=v)
-                _store_chunk(v, nb, one, out, p0, t, r0, net)
+                _store_chunk(v, nb, one, out, p0, t, r0, dval, dcol, dptr, pacc, proj)
 
     run_chunks(work, -(-n_pix // chunk), n_threads, name="mapstorch-snip")
-    if with_net:
-        return out, (counts if with_counts else None), net
+    if project is not None:
+        return out, (counts if with_counts else None), proj
     return out, (counts if with_counts else None)
