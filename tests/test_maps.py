@@ -644,6 +644,60 @@ def test_poisson_stderr_compiled_equals_the_tensor_path(monkeypatch):
         torch.testing.assert_close(lanes[fin].double(), comp[fin].double(), rtol=tol, atol=0.0)
 
 
+@pytest.mark.parametrize("engine", ["compiled", "lapack"])
+def test_a_non_finite_matrix_gives_nan_errors_not_an_exception(engine):
+    """A pixel with NaN data has a NaN information matrix: not positive definite, and no
+    pseudo-inverse either (an eigensolver may refuse it); its errors are NaN, its neighbours'
+    are not touched."""
+    m = torch.eye(4, dtype=torch.float32).repeat(3, 1, 1) * 4.0
+    m[1, 2, 2] = float("nan")
+    m[2, 3, 3] = 0.0  # singular, finite: the pseudo-inverse
+    var = solvers.inverse_diagonal(m, engine=engine)
+    assert bool(torch.isnan(var[1]).all())
+    torch.testing.assert_close(var[0], torch.full((4,), 0.25))
+    torch.testing.assert_close(var[2], torch.tensor([0.25, 0.25, 0.25, 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fisher_information_summed_in_the_kernel(monkeypatch, dtype):
+    """With channel-major weights (a map fit's) the compiled path sums each pixel's information
+    itself over the channels where two columns overlap: the errors of the stored product to
+    rounding, singular pixels found the same, and each pixel's numbers independent of the
+    pixels beside it and of the threads."""
+    from mapstorch.maps import spd_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    c = torch.arange(300.0)[:, None]
+    centres = torch.tensor([30.0, 80.0, 95.0, 150.0, 200.0, 260.0, 260.0])
+    d = torch.exp(-0.5 * ((c - centres) / 8.0) ** 2) * ((c - centres).abs() < 40)  # windowed: exact zeros
+    d = d.to(dtype)
+    p = 1300  # blocks of 512 pixels and a part block, 64-lane sub-blocks and a part one
+    a = torch.rand(p, 7, generator=gen, dtype=dtype) * 200
+    a[::3, 2] = 0.0  # inactive amplitudes
+    a[1::2, 6] = 0.0  # the twin columns 5 and 6: singular where both are active
+    m = a @ d.T + 0.5
+    w = m.clamp(min=1.0).reciprocal()
+    w[7, 100] = float("nan")  # a NaN weight: that pixel's errors are NaN
+    w_cm = w.T.contiguous().T
+    got = solvers.poisson_stderr(d, None, a, weights=w_cm)  # summed in the kernel
+    ref = solvers.poisson_stderr(d, None, a, weights=w.contiguous())  # the stored product
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and bool(torch.isnan(got[7]).all())
+    fin = torch.isfinite(ref)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got[fin], ref[fin], rtol=tol, atol=0.0)
+    twins = (a[:, 5] > 0) & (a[:, 6] > 0)
+    assert bool(twins.any()) and bool(torch.isfinite(got[twins & (torch.arange(p) != 7)][:, 5:]).all())
+    # the pixels in another order, on three threads: the same numbers bit for bit (the singular
+    # ones, whose pseudo-inverse LAPACK takes in a batch, to rounding)
+    perm = torch.randperm(p, generator=gen)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(spd_cpu, "_CHUNK", 384)
+    again = solvers.poisson_stderr(d, None, a[perm], weights=w[perm].T.contiguous().T)
+    regular = ~twins[perm]
+    assert torch.equal(torch.nan_to_num(again[regular]), torch.nan_to_num(got[perm][regular]))
+    torch.testing.assert_close(again, got[perm], rtol=tol, atol=0.0, equal_nan=True)
+
+
 def test_compiled_packed_stderr_against_each_pixels_own_inverse():
     """The compiled kernel works on 64 pixels side by side: pixels with a zero or NaN diagonal
     entry, or an indefinite active block, are reported without touching their neighbours, and

@@ -150,15 +150,22 @@ def poisson_stderr(design: Tensor, model: Tensor | None, amplitudes: Tensor, wei
         if bool(failed.any()):  # not positive definite (collinear columns): the pseudo-inverse there
             se[failed] = _stderr_from_upper(upper_t[:, failed].T, active[failed], iu, k, engine)
         return se
-    upper = weighted_pairs(w, pairs)
     if engine == "lapack":
-        return _stderr_from_upper(upper, active, iu, k, engine)
-    # compiled: each pixel's matrix built, scaled, factorised and inverted in one pass
-    se, ok = _spd_cpu().packed_stderr(upper.contiguous().numpy(), active.contiguous().numpy(),
-                                      torch.get_num_threads())
+        return _stderr_from_upper(weighted_pairs(w, pairs), active, iu, k, engine)
+    # compiled: each pixel's matrix built, scaled, factorised and inverted in one pass; with
+    # channel-major weights (a map fit's) the information is summed there too, never stored
+    if w.T.is_contiguous() and w.dtype == pairs.dtype:
+        se, ok = _spd_cpu().fisher_stderr(w.T.numpy(), pairs.contiguous().numpy(), active.contiguous().numpy(),
+                                          torch.get_num_threads())
+        upper = None
+    else:
+        upper = weighted_pairs(w, pairs)
+        se, ok = _spd_cpu().packed_stderr(upper.contiguous().numpy(), active.contiguous().numpy(),
+                                          torch.get_num_threads())
     se, failed = torch.from_numpy(se), ~torch.from_numpy(ok)
     if bool(failed.any()):  # not positive definite (collinear columns): the pseudo-inverse there
-        se[failed] = _stderr_from_upper(upper[failed], active[failed], iu, k, engine)
+        part = weighted_pairs(w[failed], pairs) if upper is None else upper[failed]
+        se[failed] = _stderr_from_upper(part, active[failed], iu, k, engine)
     return se
 
 
@@ -280,7 +287,13 @@ def inverse_diagonal(matrices: Tensor, engine: str = "auto") -> Tensor:
             chol = torch.where(failed[:, None, None], eye, chol)
         var = torch.diagonal(torch.cholesky_inverse(chol), dim1=1, dim2=2).clone()
     if bool(failed.any()):
-        var[failed] = torch.diagonal(torch.linalg.pinv(matrices[failed], hermitian=True), dim1=1, dim2=2)
+        # singular: the pseudo-inverse; not finite (NaN data): NaN (an eigensolver may refuse it)
+        bad_ones = matrices[failed]
+        finite = torch.isfinite(bad_ones).all(-1).all(-1)
+        fill = torch.full(bad_ones.shape[:2], float("nan"), dtype=var.dtype, device=var.device)
+        if bool(finite.any()):
+            fill[finite] = torch.diagonal(torch.linalg.pinv(bad_ones[finite], hermitian=True), dim1=1, dim2=2)
+        var[failed] = fill
     return var
 
 
