@@ -190,6 +190,13 @@ def _solve(a, b, lo, hi, out, ok, rel):  # pragma: no cover - compiled
                     out[p0 + l, i] = z[i, l]
 
 
+@numba.njit(nogil=True, cache=True)
+def _stderr_scratch(k, nl):  # pragma: no cover - compiled
+    """The work arrays of :func:`_stderr_lanes` for ``nl`` lanes of ``k x k`` matrices."""
+    return (np.empty((k, k, nl)), np.empty((k, k, nl)), np.empty((k, k, nl)), np.empty((k, nl)), np.empty((k, nl)),
+            np.empty((k, nl), dtype=np.bool_), np.empty(nl, dtype=np.bool_))
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _stderr_lanes(ut, active, where, p0, nb, out, ok, rel, buf, low, inv, diag, scale, act, bad):  # pragma: no cover
     """The standard errors of pixels ``p0 .. p0 + nb - 1`` from their packed matrices side by side,
@@ -243,13 +250,7 @@ def _packed_stderr(upper, active, where, lo, hi, out, ok, rel):  # pragma: no co
     are those of the restricted matrix bit for bit."""
     nl = _LANES  # a run-time trip count: LLVM vectorises the lane loops (a constant one it unrolls)
     k = active.shape[1]
-    buf = np.empty((k, k, nl))
-    low = np.empty((k, k, nl))
-    inv = np.empty((k, k, nl))
-    diag = np.empty((k, nl))
-    scale = np.empty((k, nl))
-    act = np.empty((k, nl), dtype=np.bool_)
-    bad = np.empty(nl, dtype=np.bool_)
+    buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, nl)
     cols = upper.shape[1]
     ut = np.zeros((cols, nl))  # the block's packed matrices, lane-minor (lanes past the block: 0)
     for p0 in range(lo, hi, nl):
@@ -279,13 +280,7 @@ def _fisher_stderr(w, pdt, first, stop, active, where, lo, hi, out, ok, rel):  #
     k = active.shape[1]
     n_t = pdt.shape[0]
     n_c = w.shape[0]
-    buf = np.empty((k, k, nl))
-    low = np.empty((k, k, nl))
-    inv = np.empty((k, k, nl))
-    diag = np.empty((k, nl))
-    scale = np.empty((k, nl))
-    act = np.empty((k, nl), dtype=np.bool_)
-    bad = np.empty(nl, dtype=np.bool_)
+    buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, nl)
     ut = np.zeros((n_t, nl))
     npix = _FISHER_PIXELS
     acc = np.empty((n_t, npix), dtype=w.dtype)
