@@ -57,7 +57,6 @@ def _nnls_problem(n_pix: int, dtype=torch.float64, seed: int = 4):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_nnls_iterations_equal_the_tensor_ones(dtype):
-    pytest.importorskip("numba")
     d, t = _nnls_problem(300, dtype)
     t[7] = float("nan")  # a NaN pixel: not iterated by either engine (it would never converge)
     t[8] = 0.0  # an empty pixel: zero amplitudes
@@ -78,7 +77,6 @@ def test_compiled_nnls_iterations_equal_the_tensor_ones(dtype):
 
 
 def test_compiled_nnls_does_not_depend_on_threads_or_order(monkeypatch):
-    pytest.importorskip("numba")
     from mapstorch.maps import nnls_cpu
 
     d, t = _nnls_problem(2500, torch.float32, seed=5)
@@ -96,7 +94,6 @@ def test_compiled_nnls_does_not_depend_on_threads_or_order(monkeypatch):
 
 
 def test_model_weights_and_chi2_in_one_pass():
-    pytest.importorskip("numba")
     rng = np.random.default_rng(6)
     c, p, k = 700, 3000, 6
     chan = np.arange(c)[:, None]

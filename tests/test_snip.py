@@ -246,6 +246,8 @@ def test_projected_net_counts_keep_nan_and_check_their_input():
         snip_window(y, *CAL, (30, 380), project=mat)
     with pytest.raises(InputError, match="window channels"):
         snip_window(y, *CAL, (30, 380), with_window=True, project=mat[:-1])
+    with pytest.raises(InputError, match="must be a tensor"):
+        snip_window(y, *CAL, (30, 380), with_window=True, project=mat.numpy())
 
 
 def test_compiled_engine_odd_inputs_match_blocked():

@@ -18,6 +18,7 @@ import numba
 import numpy as np
 
 from mapstorch.parallel import run_chunks
+from mapstorch.physics.snip_cpu import nonzeros_by_row
 
 __all__ = ["model_weights_chi2"]
 
@@ -72,11 +73,7 @@ def model_weights_chi2(design: np.ndarray, amplitudes: np.ndarray, background: n
     if amplitudes.shape != (p, k) or background.shape != (c, p) or counts.shape != (c, p):
         raise ValueError(f"model_weights_chi2: design {design.shape}, amplitudes {amplitudes.shape}, background "
                          f"{background.shape} and counts {counts.shape} do not match ([C, K], [P, K], [C, P], [C, P])")
-    rows, cols = np.nonzero(design)  # row-major order: each channel's non-zeros, by column
-    dptr = np.zeros(c + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=c), out=dptr[1:])
-    dval = np.ascontiguousarray(design[rows, cols])
-    dcol = cols.astype(np.int64)
+    dptr, dval, dcol = nonzeros_by_row(design, dtype)  # each channel's non-zeros, by column
     a_t = np.ascontiguousarray(amplitudes.T)
     background, counts = np.ascontiguousarray(background), np.ascontiguousarray(counts)
     w = np.empty_like(counts)

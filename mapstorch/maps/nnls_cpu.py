@@ -4,9 +4,9 @@
 on ``K`` amplitudes per pixel, ``K`` about 20, for thousands of pixels that share one Gram
 matrix. As tensor operations every iteration is a dozen passes over the whole ``[P, K]`` batch,
 and the batch iterates until its slowest pixel has converged (a pixel that never converges, e.g.
-one with a NaN, keeps the whole batch going to ``max_iter``). Here the pixels go through in
-blocks of ``_LANES`` side by side (the innermost loops over the pixels of a block, so they run
-in SIMD registers), and a block stops as soon as its own pixels have converged.
+one with a NaN, keeps the whole batch going to ``max_iter``). Here ``_LANES`` pixels iterate
+side by side (the innermost loops over the lanes, so they run in SIMD registers); a pixel leaves
+its lane as soon as it has converged, and the next pixel of the range takes the lane.
 
 Every pixel sees the same steps as in the tensor version (the same formulas in the same order),
 each pixel on its own, so the results do not depend on how pixels are grouped into blocks or

@@ -380,7 +380,7 @@ def _snip_window_compiled(spectra: Tensor, widths, a: int, b: int, first: int, l
     lead, n = spectra.shape[:-1], spectra.shape[-1]
     x = spectra.detach().reshape(-1, n).contiguous().numpy()  # [P, C]
     steps = _cpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit)
-    mat = None if project is None else project.detach().to(spectra.dtype).numpy()
+    mat = None if project is None else project.detach().to(device="cpu", dtype=spectra.dtype).numpy()
     bg, counts, *proj = _snip_cpu().snip_window_cpu(x, first, last, steps, with_window, torch.get_num_threads(),
                                                     project=mat)  # [Cw, P]; [K, P]
     out = tuple(torch.from_numpy(v).T.reshape(*lead, v.shape[0]) for v in (bg, counts, *proj) if v is not None)
@@ -419,7 +419,7 @@ def snip_window(
     ever fails to compile or run: a warning says why); the pointer jumping elsewhere.
     ``with_window=True`` returns ``(background, spectra over the window)``, both ``[..., Cw]`` and
     channel-major in memory where the engine works that way (transposed views). With ``project``
-    (``[Cw, K]``, a CPU tensor; needs ``with_window``) as well a third, ``[..., K]``: the net counts
+    (a tensor ``[Cw, K]``; needs ``with_window``) as well a third, ``[..., K]``: the net counts
     ``max(spectra - background, 0)`` over the window (what XRF-Maps' NNLS fits) projected on the
     columns of ``project``, the right-hand side of a least-squares fit of the net counts. The
     compiled engine sums them while each chunk of spectra is in the cache, over the non-zero
@@ -427,6 +427,8 @@ def snip_window(
     engines compute ``net @ project``. Both sum in the spectra's dtype.
     """
     if project is not None:
+        if not isinstance(project, Tensor):
+            raise InputError(f"snip_window: project must be a tensor [window channels, K], got {type(project).__name__}")
         if not with_window:
             raise InputError("snip_window: project= needs with_window=True (it returns background, window, "
                              "projections)")

@@ -30,7 +30,7 @@ import numpy as np
 from mapstorch.errors import InputError
 from mapstorch.parallel import run_chunks
 
-__all__ = ["chunk_size", "snip_window_cpu", "sweep_steps"]
+__all__ = ["chunk_size", "nonzeros_by_row", "snip_window_cpu", "sweep_steps"]
 
 _TILE = 16  # the transpose's tile: 16 x 16 values
 _SLAB_BYTES = 9 << 16  # a chunk's [Cw, chunk] slab: at most 576 KiB, about half of a core's L2 cache
@@ -186,6 +186,17 @@ def _store_chunk(v, nb, one, out, p0, t, r0, dval, dcol, dptr, pacc, proj):  # p
                 dst[j] = pk[j]
 
 
+def nonzeros_by_row(matrix: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero entries of ``matrix [R, K]`` row by row: ``(ptr [R + 1], values, columns)``,
+    row ``r``'s entries at ``ptr[r] .. ptr[r + 1] - 1`` in column order (values as ``dtype``,
+    columns and pointers int64): how the compiled kernels walk a design matrix whose components
+    are zero over most channels."""
+    rows, cols = np.nonzero(matrix)  # row-major order
+    ptr = np.zeros(matrix.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=matrix.shape[0]), out=ptr[1:])
+    return ptr, np.ascontiguousarray(matrix[rows, cols], dtype=dtype), cols.astype(np.int64)
+
+
 def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_limit: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The clipping steps ``(channel, lo, hi)``, int64 ``[steps]``, of the passes in sweep order,
@@ -254,11 +265,7 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
         if project.ndim != 2 or project.shape[0] != n_w:
             raise InputError(f"the matrix to project the net counts on must be [{n_w}, K] (window channels first), "
                              f"got {project.shape}")
-        rows, cols = np.nonzero(project)  # row-major: each channel's non-zeros, by column
-        dptr = np.zeros(n_w + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=n_w), out=dptr[1:])
-        dval = project[rows, cols].astype(x.dtype)
-        dcol = cols.astype(np.int64)
+        dptr, dval, dcol = nonzeros_by_row(project, x.dtype)
         proj = np.empty((project.shape[1], n_pix), dtype=x.dtype)
     else:
         dptr, dval, dcol = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=x.dtype), np.zeros(0, dtype=np.int64)
