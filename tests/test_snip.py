@@ -232,6 +232,12 @@ def test_compiled_engine_equals_blocked_bit_for_bit(shape, window, dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     torch.testing.assert_close(proj.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
     torch.testing.assert_close(want_proj.double(), ref, rtol=tol * 10, atol=tol * 10 * float(ref.abs().max()))
+    # and bit for bit the sums in the data's dtype, channel after channel, of the rounded products
+    net = (want_counts - want).clamp(min=0.0).reshape(-1, n_w).numpy()
+    seq = np.zeros((net.shape[0], 5), dtype=net.dtype)
+    for c in range(n_w):
+        seq += net[:, c:c + 1] * mat[c].numpy()
+    assert_same_bits(proj.reshape(-1, 5), torch.from_numpy(seq))
 
 
 def test_projected_net_counts_keep_nan_and_check_their_input():

@@ -14,8 +14,9 @@ numbers bit for bit, done a chunk of spectra at a time so that the chunk's chann
 3. compiled: every pass of the clipping ``v[c] = min(v[c], 0.5 * (v[lo] + v[hi]))``, channel
    after channel in XRF-Maps' order, the innermost loop over the chunk's spectra (SIMD);
 4. NumPy: ``exp``, ``- 1``, ``exp``; compiled: ``- 1``, non-finite values to 0, and the chunk
-   written into the channel-major result (and, if asked, the net counts ``max(y - bg, 0)``
-   projected on the columns of a matrix: the right-hand side of the NNLS).
+   written into the channel-major result; if asked, the net counts ``max(y - bg, 0)`` replace
+   the slab's rows and are projected on the columns of a matrix, column after column (the
+   right-hand side of the NNLS).
 
 Chunks are shared out to ``n_threads`` Python threads (the compiled functions and NumPy's
 ufuncs release the GIL). Importing this module compiles nothing; the functions compile on their
@@ -100,7 +101,8 @@ def _sweep_chunk(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
     """The clipping steps in order on the first ``nb`` spectra of ``v [Cw, >= nb]``, in place.
 
     Each step is ``v[c] = min(v[c], 0.5 * (v[lo] + v[hi]))``, as ``np.minimum`` (NaN when either is
-    NaN). A step that reads its own channel (``lo == c`` or ``hi == c``: the window's ends, and most
+    NaN), written as two selects and a full store (a store only where the value changes became a
+    masked store, a few per cent slower). A step that reads its own channel (``lo == c`` or ``hi == c``: the window's ends, and most
     channels of the narrow last passes) reads it once, through the row it writes: LLVM then
     vectorises the loop without a run-time overlap check, which two views of one row would fail
     (sending the loop to its scalar version)."""
@@ -115,75 +117,72 @@ def _sweep_chunk(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
             for j in range(nb):
                 m = half * (left[j] + right[j])
                 cur = row[j]
-                row[j] = cur if ((cur <= m) | np.isnan(cur)) else m
+                row[j] = (m if m < cur else cur) if m == m else m
         elif b == c:
             left = v[a, :nb]
             for j in range(nb):
                 cur = row[j]
                 m = half * (left[j] + cur)
-                row[j] = cur if ((cur <= m) | np.isnan(cur)) else m
+                row[j] = (m if m < cur else cur) if m == m else m
         else:
             right = v[b, :nb]
             for j in range(nb):
                 cur = row[j]
                 m = half * (cur + right[j])
-                row[j] = cur if ((cur <= m) | np.isnan(cur)) else m
+                row[j] = (m if m < cur else cur) if m == m else m
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _store_chunk(v, nb, one, out, p0, t, r0, dval, dcol, dptr, pacc, proj):  # pragma: no cover - compiled
-    """``out[:, p0:p0 + nb] = v - 1`` with non-finite values 0; ``v [Cw, >= nb]``. When ``proj``
-    has rows, also the net counts ``max(counts - background, 0)`` (NaN kept, as torch's clamp)
-    projected on the columns of a matrix given by its non-zeros per window channel (``dval``,
-    ``dcol``, ``dptr``: channel ``c``'s entries ``dptr[c] .. dptr[c + 1] - 1``), summed channel
-    after channel into ``pacc [K, >= nb]`` (in the data's dtype, as a matrix product would) and
-    written to ``proj[:, p0:p0 + nb]``; the counts of window channel ``c`` are row ``r0 + c`` of
-    the transposed crop ``t``, and ``v``'s row ``c`` is overwritten with its net counts."""
+def _store_chunk(v, nb, one, out, p0, t, r0, net):  # pragma: no cover - compiled
+    """``out[:, p0:p0 + nb] = v - 1`` with non-finite values 0; ``v [Cw, >= nb]``. Where
+    ``net[c]`` (the channels a projection reads), ``v``'s row ``c`` is then overwritten with the
+    net counts ``max(counts - background, 0)`` (NaN kept, as torch's clamp); the counts of window
+    channel ``c`` are row ``r0 + c`` of the transposed crop ``t``."""
     zero = one - one
-    with_proj = proj.shape[0] > 0
-    if with_proj:
-        for k in range(pacc.shape[0]):
-            pk = pacc[k]
-            for j in range(nb):
-                pk[j] = zero
     for c in range(v.shape[0]):
         src = v[c, :nb]
         dst = out[c, p0:p0 + nb]
         for j in range(nb):
             e = src[j] - one
             dst[j] = e if e - e == zero else zero
-        if with_proj and dptr[c + 1] > dptr[c]:
+        if net[c]:
             cnt = t[r0 + c, :nb]
-            for j in range(nb):  # the row is done with: it takes the net counts
+            for j in range(nb):
                 d = cnt[j] - dst[j]
                 src[j] = zero if d < zero else d
-            e = dptr[c]
-            end = dptr[c + 1]
-            while e + 3 <= end:  # three columns per pass over the lanes (LLVM still vectorises
-                p1 = pacc[dcol[e]]  # three rows with its run-time overlap checks; four it does not)
-                p2 = pacc[dcol[e + 1]]
-                p3 = pacc[dcol[e + 2]]
-                c1 = dval[e]
-                c2 = dval[e + 1]
-                c3 = dval[e + 2]
-                for j in range(nb):
-                    s = src[j]
-                    p1[j] += c1 * s
-                    p2[j] += c2 * s
-                    p3[j] += c3 * s
-                e += 3
-            while e < end:
-                coef = dval[e]
-                pk = pacc[dcol[e]]
-                for j in range(nb):
-                    pk[j] += coef * src[j]
-                e += 1
-    if with_proj:
-        for k in range(proj.shape[0]):
-            pk = pacc[k]
-            dst = proj[k, p0:p0 + nb]
+
+
+@numba.njit(nogil=True, cache=True, fastmath=False)
+def _project_chunk(v, nb, cptr, cval, crow, proj, p0):  # pragma: no cover - compiled
+    """``proj[k, p0:p0 + nb] = sum_e cval[e] v[crow[e], :nb]`` over column ``k``'s non-zeros
+    ``cptr[k] .. cptr[k + 1] - 1`` (in channel order), summed in ``v``'s dtype channel after
+    channel (as a matrix product would). Four channels per pass over the lanes, the partial sum
+    kept in a register between them (the same roundings, in the same order, as four passes)."""
+    zero = v.dtype.type(0)
+    for k in range(proj.shape[0]):
+        acc = proj[k, p0:p0 + nb]
+        for j in range(nb):
+            acc[j] = zero
+        e = cptr[k]
+        end = cptr[k + 1]
+        while e + 4 <= end:  # (LLVM still vectorises four rows read with one written; eight it does not)
+            r1 = v[crow[e], :nb]
+            r2 = v[crow[e + 1], :nb]
+            r3 = v[crow[e + 2], :nb]
+            r4 = v[crow[e + 3], :nb]
+            c1 = cval[e]
+            c2 = cval[e + 1]
+            c3 = cval[e + 2]
+            c4 = cval[e + 3]
             for j in range(nb):
-                dst[j] = pk[j]
+                acc[j] = (((acc[j] + c1 * r1[j]) + c2 * r2[j]) + c3 * r3[j]) + c4 * r4[j]
+            e += 4
+        while e < end:
+            r1 = v[crow[e], :nb]
+            c1 = cval[e]
+            for j in range(nb):
+                acc[j] = acc[j] + c1 * r1[j]
+            e += 1
 
 
 def nonzeros_by_row(matrix: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -265,17 +264,16 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
         if project.ndim != 2 or project.shape[0] != n_w:
             raise InputError(f"the matrix to project the net counts on must be [{n_w}, K] (window channels first), "
                              f"got {project.shape}")
-        dptr, dval, dcol = nonzeros_by_row(project, x.dtype)
+        cptr, cval, crow = nonzeros_by_row(np.ascontiguousarray(project.T), x.dtype)  # column by column
+        net = np.asarray((project != 0).any(1))  # the channels the projections read
         proj = np.empty((project.shape[1], n_pix), dtype=x.dtype)
     else:
-        dptr, dval, dcol = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=x.dtype), np.zeros(0, dtype=np.int64)
-        proj = np.empty((0, 0), dtype=x.dtype)
+        net = np.zeros(n_w, dtype=np.bool_)
     n_x = min(last + 3, n) - max(first - 2, 0)
 
     def work(chunks):
         t = np.empty((n_x, chunk), dtype=x.dtype)  # this thread's scratch and slab
         slab = np.empty((n_w, chunk), dtype=x.dtype)
-        pacc = np.empty((proj.shape[0], chunk), dtype=x.dtype)  # the projections' sums
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for i in chunks:
                 p0 = i * chunk
@@ -290,7 +288,9 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
                 np.exp(v, out=v)
                 v -= one
                 np.exp(v, out=v)
-                _store_chunk(v, nb, one, out, p0, t, r0, dval, dcol, dptr, pacc, proj)
+                _store_chunk(v, nb, one, out, p0, t, r0, net)
+                if project is not None:
+                    _project_chunk(v, nb, cptr, cval, crow, proj, p0)
 
     run_chunks(work, -(-n_pix // chunk), n_threads, name="mapstorch-snip")
     if project is not None:
