@@ -78,7 +78,8 @@ class MapResult:
     reduced_chi2, iterations, status : per pixel (status codes in :data:`STATUS_CODES`).
     total_counts : counts of each pixel's whole spectrum.
     fitted_integrated, background_integrated : model (with background) and background summed
-        over all pixels, ``[window channels]`` (window = ``window``, first and last channel).
+        over all pixels, ``[window channels]`` (window = ``window``, first and last channel),
+        leaving out the pixels whose fit is not finite (status 2).
     """
 
     method: str
@@ -567,8 +568,10 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
         a, it, ok = solvers.nnls(design, None, max_iter=max_iter or 2000, rhs=rhs)
         if method == "poisson":
             # the background is a shape (SNIP of the chunk's summed spectrum: smooth even where a
-            # pixel has few counts) with a fitted non-negative amplitude per pixel
-            shape = snip_window(y.sum(0, keepdim=True), off, slope, quad, width, (window.first, window.last))[0]
+            # pixel has few counts) with a fitted non-negative amplitude per pixel; the sum leaves
+            # out spectra with a NaN or infinite channel, which would make the whole shape NaN
+            shape = snip_window(_finite_rows(y).sum(0, keepdim=True), off, slope, quad, width,
+                                (window.first, window.last))[0]
             shape = shape / shape.sum().clamp(min=torch.finfo(shape.dtype).tiny)
             aug = torch.cat([design, shape[:, None]], 1)
             start = torch.cat([a, bg.sum(1, keepdim=True)], 1)
@@ -580,21 +583,33 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
         if not bg.T.is_contiguous():  # the poisson method's background: channel-major like the rest
             bg = bg.T.contiguous().T
         # the model m = a D^T + bg is not stored: its weights (which serve the errors too), chi-square and sum
-        w, chi, model_sum = solvers.model_weights_chi2(design, a, bg, yw)
+        w, chi = solvers.model_weights_chi2(design, a, bg, yw)
         se = solvers.poisson_stderr(design, None, a, weights=w)
         dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
         chi = chi / dof
         finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
         code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
         a = torch.where(finite[:, None], a, torch.zeros_like(a))  # non-finite: 0, as XRF-Maps
-        return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, model_sum, bg.sum(0).double())
+        bg_sum = _finite_rows(bg, finite).sum(0).double()
+        model_sum = bg_sum + design.double() @ a.double().sum(0)  # the model a D^T + bg, summed
+        return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, model_sum, bg_sum)
+
+
+def _finite_rows(x: torch.Tensor, finite: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows (pixels) of ``x [P, C]`` that are ``finite`` (default: whose values all are),
+    ``x`` itself when all are: what the chunk's sums over pixels (the poisson method's
+    background shape, the integrated fit and background) add up, so that one damaged pixel
+    leaves them finite."""
+    if finite is None:
+        finite = torch.isfinite(x).all(1)
+    return x if bool(finite.all()) else x[finite]
 
 
 def _chunk_output(y, a, a_err, counts, counts_err, chi, iters, code, model_sum, bg_sum, **more
                   ) -> dict[str, np.ndarray]:
     """A chunk's results as numpy arrays: ``[K, P]`` maps, ``[P]`` per-pixel values, and the
-    model and background summed over the chunk's pixels (``integrated_*``, ``[window channels]``,
-    given as float64 tensors)."""
+    model and background summed over the chunk's pixels whose fit is finite (``integrated_*``,
+    ``[window channels]``, given as float64 tensors)."""
     floats = {"amplitudes": a.T, "amplitudes_stderr": a_err.T, "counts": counts.T, "stderr": counts_err.T,
               "rchi2": chi, "total_counts": y.sum(1), **more}
     out = _to_host({k: v.float() for k, v in floats.items()})
@@ -644,7 +659,8 @@ def _fit_chunk_nonlinear(y, yw, bg, a0, it0, nl: dict, max_iter: int | None) -> 
         code = torch.where(finite, torch.where(res["converged"], 0, 1), 2).to(torch.int8)
         a = torch.where(finite[:, None], a, torch.zeros_like(a))
     return _chunk_output(y, a, err[:, n:], a * res["unit"], err[:, n:] * res["unit"], chi, it0 + res["iterations"],
-                         code, m.sum(0).double(), bg.sum(0).double(), parameters=th.T, parameters_stderr=err[:, :n].T)
+                         code, _finite_rows(m, finite).sum(0).double(), _finite_rows(bg, finite).sum(0).double(),
+                         parameters=th.T, parameters_stderr=err[:, :n].T)
 
 
 class _ChunkStore:

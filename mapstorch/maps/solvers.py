@@ -321,16 +321,14 @@ def pearson_chi2(counts: Tensor, model: Tensor, weights: Tensor | None = None) -
 
 
 def model_weights_chi2(design: Tensor, amplitudes: Tensor, background: Tensor, counts: Tensor
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(w [P, C], chi2 [P], model summed over the pixels [C] (float64))`` for the model
-    ``m = amplitudes @ design.T + background``: the Poisson weights ``1 / max(m, 1)`` and
-    :func:`pearson_chi2`.
+                       ) -> tuple[Tensor, Tensor]:
+    """``(w [P, C], chi2 [P])`` for the model ``m = amplitudes @ design.T + background``: the
+    Poisson weights ``1 / max(m, 1)`` and :func:`pearson_chi2`.
 
     On the CPU (numba usable, no gradient, float32/float64) with channel-major ``background`` and
     ``counts`` (``[P, C]`` views of ``[C, P]`` memory, as in a map fit): one compiled pass that
-    does not store the model (:mod:`chi2_cpu`; ``w`` channel-major too, the sums in float64, the
-    model's sum from the amplitudes' sums). Otherwise tensor operations. ``chi2`` has the dtype
-    of the inputs."""
+    does not store the model (:mod:`chi2_cpu`; ``w`` channel-major too, the sums in float64).
+    Otherwise tensor operations. ``chi2`` has the dtype of the inputs."""
     channel_major = counts.T.is_contiguous() and background.T.is_contiguous()
     same = counts.dtype == background.dtype == amplitudes.dtype == design.dtype
     if channel_major and same and _engine("auto", background) == "compiled" \
@@ -338,9 +336,8 @@ def model_weights_chi2(design: Tensor, amplitudes: Tensor, background: Tensor, c
         w, chi = _chi2_cpu().model_weights_chi2(design.detach().contiguous().numpy(),
                                                 amplitudes.detach().contiguous().numpy(), background.T.numpy(),
                                                 counts.T.numpy(), torch.get_num_threads())
-        total = background.sum(0).double() + design.double() @ amplitudes.double().sum(0)
-        return torch.from_numpy(w).T, torch.from_numpy(chi).to(counts.dtype), total
+        return torch.from_numpy(w).T, torch.from_numpy(chi).to(counts.dtype)
     m = torch.addmm(background.T, design, amplitudes.T).T if background.T.is_contiguous() \
         else amplitudes @ design.T + background
     w = m.clamp(min=1.0).reciprocal()
-    return w, pearson_chi2(counts, m, weights=w), m.sum(0).double()
+    return w, pearson_chi2(counts, m, weights=w)
