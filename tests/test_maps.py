@@ -711,6 +711,52 @@ def test_fisher_information_summed_in_the_kernel(monkeypatch, dtype):
     torch.testing.assert_close(again, got[perm], rtol=tol, atol=0.0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_chi2_and_stderr_in_one_pass(monkeypatch, dtype):
+    """The map fit's last pass (chi-square and errors, the weights never stored) gives the numbers
+    of the two steps it replaces bit for bit: model_weights_chi2, then poisson_stderr on the
+    weights; singular pixels through the pseudo-inverse to rounding; NaN where an amplitude is;
+    each pixel's numbers independent of the others and of the threads; pixel-major input takes
+    the two steps."""
+    from mapstorch.maps import chi2_cpu
+
+    gen = torch.Generator().manual_seed(4)
+    c = torch.arange(301.0)[:, None]  # not a multiple of the 4-channel quads
+    centres = torch.tensor([30.0, 80.0, 95.0, 150.0, 200.0, 260.0, 260.0])
+    d = (torch.exp(-0.5 * ((c - centres) / 8.0) ** 2) * ((c - centres).abs() < 40)).to(dtype)
+    p = 1300  # blocks of 512 pixels and a part block
+    a = torch.rand(p, 7, generator=gen, dtype=dtype) * 200
+    a[::3, 2] = 0.0  # inactive amplitudes
+    a[1::2, 6] = 0.0  # the twin columns 5 and 6: singular where both are active
+    a[9, 1] = float("nan")
+    bg = (torch.rand(p, 301, generator=gen, dtype=dtype) * 3).T.contiguous().T  # channel-major
+    y = torch.poisson((torch.nan_to_num(a) @ d.T + bg).double()).to(dtype).T.contiguous().T
+    chi, se = solvers.model_chi2_stderr(d, a, bg, y)
+    w, chi_ref = solvers.model_weights_chi2(d, a, bg, y)
+    se_ref = solvers.poisson_stderr(d, None, a, weights=w)
+    assert chi.dtype == dtype and se.shape == (p, 7)
+    assert torch.equal(torch.nan_to_num(chi, 7.0), torch.nan_to_num(chi_ref, 7.0)) and bool(torch.isnan(chi[9]))
+    twins = (a[:, 5] > 0) & (a[:, 6] > 0)
+    regular = ~twins
+    assert bool(twins.any()) and bool(torch.isnan(se[9]).all())
+    assert torch.equal(torch.nan_to_num(se[regular], 7.0), torch.nan_to_num(se_ref[regular], 7.0))
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(se, se_ref, rtol=tol, atol=0.0, equal_nan=True)
+    # another order of the pixels, on three threads, in smaller blocks: the same numbers
+    perm = torch.randperm(p, generator=gen)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(chi2_cpu, "_FISHER_PIXELS", 200)
+    chi2, se2 = solvers.model_chi2_stderr(d, a[perm], bg[perm].T.contiguous().T, y[perm].T.contiguous().T)
+    assert torch.equal(torch.nan_to_num(chi2, 7.0), torch.nan_to_num(chi[perm], 7.0))
+    assert torch.equal(torch.nan_to_num(se2[regular[perm]], 7.0), torch.nan_to_num(se[perm][regular[perm]], 7.0))
+    # pixel-major input: the two steps' tensor formulas, the same numbers to rounding
+    chi3, se3 = solvers.model_chi2_stderr(d, a, bg.contiguous(), y.contiguous())
+    torch.testing.assert_close(chi3, chi, rtol=tol, atol=0.0, equal_nan=True)
+    torch.testing.assert_close(se3, se, rtol=tol * 10, atol=0.0, equal_nan=True)
+    with pytest.raises(ValueError, match="do not match"):
+        chi2_cpu.model_chi2_stderr(d.numpy(), d.numpy(), a.numpy(), (a > 0).numpy(), bg.T.numpy(), y.T.numpy())
+
+
 def test_compiled_packed_stderr_against_each_pixels_own_inverse():
     """The compiled kernel works on 64 pixels side by side: pixels with a zero or NaN diagonal
     entry, or an indefinite active block, are reported without touching their neighbours, and

@@ -10,6 +10,10 @@ of pixels from the non-zero entries of the design's row (most components are zer
 channels), adds the background, and writes the weights, without storing the model; the sums are
 accumulated in float64 channel after channel, so each pixel's sum, and the result, do not depend
 on how the pixels are shared out to threads.
+
+:func:`model_chi2_stderr` goes one step further for a map fit: four channels' weights at a time
+are added to the Fisher information of a block of pixels while they are in the core's cache
+(:mod:`spd_cpu`), and the block's standard errors follow, so the weights are never stored.
 """
 
 from __future__ import annotations
@@ -17,43 +21,103 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from mapstorch.maps.spd_cpu import (
+    _FISHER_PIXELS,
+    _LANES,
+    _add_quad,
+    _block_stderr,
+    _packing,
+    _rel,
+    _stderr_scratch,
+    quad_table,
+)
 from mapstorch.parallel import run_chunks
 from mapstorch.physics.snip_cpu import nonzeros_by_row
 
-__all__ = ["model_weights_chi2"]
+__all__ = ["model_weights_chi2", "model_chi2_stderr"]
 
 _CHUNK = 2048  # pixels per work item
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _pass(dval, dcol, dptr, a_t, bg, y, w, chi, lo, hi):  # pragma: no cover - compiled
-    """Pixels ``lo .. hi - 1``: channel ``c``'s model ``m = sum_e dval[e] a_t[dcol[e]] + bg[c]``
-    over the design's non-zeros ``dptr[c] .. dptr[c + 1] - 1`` of row ``c`` (in column order), the
-    weight ``w[c] = 1 / max(m, 1)`` (NaN kept) and ``chi += (y[c] - m)^2 w`` (float64)."""
+def _model_row(dval, dcol, dptr, a_t, bg, y, c, lo, n, mrow, w, acc):  # pragma: no cover - compiled
+    """Channel ``c`` of pixels ``lo .. lo + n - 1``: the model ``m = sum_e dval[e] a_t[dcol[e]] +
+    bg[c]`` over the design's non-zeros ``dptr[c] .. dptr[c + 1] - 1`` of row ``c`` (in column
+    order; ``mrow``: scratch), the weights ``w[:n] = 1 / max(m, 1)`` (NaN kept) and
+    ``acc[:n] += (y[c] - m)^2 w`` (float64)."""
     zero = bg.dtype.type(0)
     one = bg.dtype.type(1)
+    for j in range(n):
+        mrow[j] = zero
+    for e in range(dptr[c], dptr[c + 1]):
+        coef = dval[e]
+        ar = a_t[dcol[e], lo:lo + n]
+        for j in range(n):
+            mrow[j] += coef * ar[j]
+    bc = bg[c, lo:lo + n]
+    yc = y[c, lo:lo + n]
+    for j in range(n):
+        mv = mrow[j] + bc[j]
+        wv = one / (one if mv < one else mv)
+        w[j] = wv
+        r = yc[j] - mv
+        acc[j] += np.float64(r * r * wv)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _pass(dval, dcol, dptr, a_t, bg, y, w, chi, lo, hi):  # pragma: no cover - compiled
+    """Pixels ``lo .. hi - 1``: :func:`_model_row` of every channel, the weights into ``w [C, P]``,
+    the chi-squares into ``chi``."""
     n = hi - lo
     acc = np.zeros(n, dtype=np.float64)
     mrow = np.empty(n, dtype=bg.dtype)
     for c in range(y.shape[0]):
-        for j in range(n):
-            mrow[j] = zero
-        for e in range(dptr[c], dptr[c + 1]):
-            coef = dval[e]
-            ar = a_t[dcol[e], lo:hi]
-            for j in range(n):
-                mrow[j] += coef * ar[j]
-        bc = bg[c, lo:hi]
-        yc = y[c, lo:hi]
-        wc = w[c, lo:hi]
-        for j in range(n):
-            mv = mrow[j] + bc[j]
-            wv = one / (one if mv < one else mv)
-            wc[j] = wv
-            r = yc[j] - mv
-            acc[j] += np.float64(r * r * wv)
+        _model_row(dval, dcol, dptr, a_t, bg, y, c, lo, n, mrow, w[c, lo:hi], acc)
     for j in range(n):
         chi[lo + j] = acc[j]
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _pass_stderr(dval, dcol, dptr, a_t, bg, y, qptr, qpair, qcoef, active, where, lo, hi, chi, out, ok,
+                 rel):  # pragma: no cover - compiled
+    """Pixels ``lo .. hi - 1``, a block of ``spd_cpu._FISHER_PIXELS`` at a time: each channel
+    quad's weights from :func:`_model_row` (kept in the core's cache, never stored), added at
+    once to the block's Fisher information (``spd_cpu._add_quad``), then the standard errors
+    (``spd_cpu._block_stderr``): the numbers of :func:`_pass` and ``spd_cpu.fisher_stderr``
+    bit for bit."""
+    k = active.shape[1]
+    n_t = where.max() + 1
+    n_c = y.shape[0]
+    dtype = bg.dtype
+    zero = dtype.type(0)
+    buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, _LANES)
+    ut = np.zeros((n_t, _LANES))
+    npix = _FISHER_PIXELS
+    acc = np.empty((n_t, npix), dtype=dtype)
+    wq = np.empty((4, npix), dtype=dtype)
+    mrow = np.empty(npix, dtype=dtype)
+    sq = np.empty(npix, dtype=np.float64)
+    for b0 in range(lo, hi, npix):
+        nb = min(npix, hi - b0)
+        for t in range(n_t):
+            a = acc[t]
+            for j in range(nb):
+                a[j] = zero
+        for j in range(nb):
+            sq[j] = 0.0
+        for q in range(qptr.shape[0] - 1):
+            for i in range(4):
+                c = 4 * q + i
+                if c < n_c:
+                    _model_row(dval, dcol, dptr, a_t, bg, y, c, b0, nb, mrow, wq[i], sq)
+                else:
+                    row = wq[i]
+                    for j in range(nb):
+                        row[j] = zero
+            _add_quad(acc, nb, qptr, qpair, qcoef, q, wq[0, :nb], wq[1, :nb], wq[2, :nb], wq[3, :nb])
+        for j in range(nb):
+            chi[b0 + j] = sq[j]
+        _block_stderr(acc, nb, b0, ut, active, where, out, ok, rel, buf, low, inv, diag, scale, act, bad)
 
 
 def model_weights_chi2(design: np.ndarray, amplitudes: np.ndarray, background: np.ndarray, counts: np.ndarray,
@@ -85,3 +149,47 @@ def model_weights_chi2(design: np.ndarray, amplitudes: np.ndarray, background: n
 
     run_chunks(work, -(-p // _CHUNK), n_threads, name="mapstorch-chi2")
     return w, chi
+
+
+def model_chi2_stderr(design: np.ndarray, pairs: np.ndarray, amplitudes: np.ndarray, active: np.ndarray,
+                      background: np.ndarray, counts: np.ndarray, n_threads: int = 1
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(chi2 [P], stderr [P, K], positive definite [P])``: :func:`model_weights_chi2`'s
+    chi-square and ``spd_cpu.fisher_stderr``'s standard errors (over the ``active [P, K]``
+    amplitudes; rows that are not positive definite left for the caller), the same numbers, in
+    one pass that does not store the weights either.
+
+    design ``[C, K]``, pairs ``[C, K (K + 1) / 2]`` (the products of its columns, as
+    ``torch.triu_indices``), amplitudes ``[P, K]``; background and counts channel-major
+    ``[C, P]``; all float32 or all float64. On up to ``n_threads`` threads.
+    """
+    dtype = counts.dtype
+    c, k = design.shape
+    p = counts.shape[1]
+    where, pos = _packing(k)
+    if dtype not in (np.float32, np.float64) or any(x.dtype != dtype for x in (design, pairs, amplitudes, background)):
+        raise ValueError(f"model_chi2_stderr needs float32 or float64 arrays of one dtype, got {design.dtype}, "
+                         f"{pairs.dtype}, {amplitudes.dtype}, {background.dtype}, {counts.dtype}")
+    if amplitudes.shape != (p, k) or active.shape != (p, k) or pairs.shape != (c, pos) \
+            or background.shape != (c, p) or counts.shape != (c, p):
+        raise ValueError(f"model_chi2_stderr: design {design.shape}, pairs {pairs.shape}, amplitudes "
+                         f"{amplitudes.shape}, active {active.shape}, background {background.shape} and counts "
+                         f"{counts.shape} do not match ([C, K], [C, K (K + 1) / 2], [P, K], [P, K], [C, P], [C, P])")
+    dptr, dval, dcol = nonzeros_by_row(design, dtype)
+    qptr, qpair, qcoef = quad_table(np.ascontiguousarray(pairs, dtype=dtype))
+    a_t = np.ascontiguousarray(amplitudes.T)
+    background, counts = np.ascontiguousarray(background), np.ascontiguousarray(counts)
+    active = np.ascontiguousarray(active, dtype=np.bool_)
+    chi = np.empty(p, dtype=np.float64)
+    out = np.empty((p, k), dtype=dtype)
+    ok = np.empty(p, dtype=np.bool_)
+    rel = _rel(counts)
+    step = 2 * _FISHER_PIXELS
+
+    def work(chunks):
+        for i in chunks:
+            _pass_stderr(dval, dcol, dptr, a_t, background, counts, qptr, qpair, qcoef, active, where, i * step,
+                         min(p, (i + 1) * step), chi, out, ok, rel)
+
+    run_chunks(work, -(-p // step), n_threads, name="mapstorch-chi2")
+    return chi, out, ok

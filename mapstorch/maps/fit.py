@@ -582,9 +582,9 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
             return _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
         if not bg.T.is_contiguous():  # the poisson method's background: channel-major like the rest
             bg = bg.T.contiguous().T
-        # the model m = a D^T + bg is not stored: its weights (which serve the errors too), chi-square and sum
-        w, chi = solvers.model_weights_chi2(design, a, bg, yw)
-        se = solvers.poisson_stderr(design, None, a, weights=w)
+        # the model m = a D^T + bg and its weights 1 / max(m, 1) are not stored: the chi-square and
+        # the standard errors (Fisher information) are summed as they are computed
+        chi, se = solvers.model_chi2_stderr(design, a, bg, yw)
         dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
         chi = chi / dof
         finite = torch.isfinite(a).all(1) & torch.isfinite(chi)

@@ -27,7 +27,7 @@ from torch import Tensor
 from mapstorch.maps import spd_lanes
 
 __all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
-           "pearson_chi2", "model_weights_chi2"]
+           "pearson_chi2", "model_weights_chi2", "model_chi2_stderr"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,39 @@ def poisson_stderr(design: Tensor, model: Tensor | None, amplitudes: Tensor, wei
         part = weighted_pairs(w[failed], pairs) if upper is None else upper[failed]
         se[failed] = _stderr_from_upper(part, active[failed], iu, k, engine)
     return se
+
+
+def model_chi2_stderr(design: Tensor, amplitudes: Tensor, background: Tensor, counts: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+    """``(chi2 [P], stderr [P, K])``: :func:`model_weights_chi2`'s chi-square and
+    :func:`poisson_stderr`'s errors for the model ``m = amplitudes @ design.T + background``.
+
+    On the CPU (numba usable, no gradient, one float dtype) with channel-major ``background`` and
+    ``counts`` (a map fit's): one compiled pass that stores neither the model nor its weights
+    (:func:`chi2_cpu.model_chi2_stderr`), the same numbers as the two functions; pixels whose
+    information is not positive definite then get the pseudo-inverse's errors, as there (from
+    weights recomputed by tensor operations).
+    Otherwise the two functions."""
+    channel_major = counts.T.is_contiguous() and background.T.is_contiguous()
+    same = counts.dtype == background.dtype == amplitudes.dtype == design.dtype
+    if not (channel_major and same and _engine("auto", background) == "compiled"
+            and not (counts.requires_grad or amplitudes.requires_grad or design.requires_grad)):
+        w, chi = model_weights_chi2(design, amplitudes, background, counts)
+        return chi, poisson_stderr(design, None, amplitudes, weights=w)
+    k = design.shape[1]
+    iu = torch.triu_indices(k, k)
+    design = design.detach()
+    pairs = design[:, iu[0]] * design[:, iu[1]]  # [C, K (K + 1) / 2], as poisson_stderr's
+    active = amplitudes > 0
+    chi, se, ok = _chi2_cpu().model_chi2_stderr(design.contiguous().numpy(), pairs.contiguous().numpy(),
+                                                amplitudes.detach().contiguous().numpy(), active.numpy(),
+                                                background.T.numpy(), counts.T.numpy(), torch.get_num_threads())
+    se, failed = torch.from_numpy(se), ~torch.from_numpy(ok)
+    if bool(failed.any()):  # not positive definite (collinear columns): the pseudo-inverse there
+        m = amplitudes[failed] @ design.T + background[failed]
+        se[failed] = _stderr_from_upper(weighted_pairs(m.clamp(min=1.0).reciprocal(), pairs), active[failed], iu, k,
+                                        "compiled")
+    return torch.from_numpy(chi).to(counts.dtype), se
 
 
 def _stderr_from_upper(upper: Tensor, active: Tensor, iu: Tensor, k: int, engine: str) -> Tensor:

@@ -19,12 +19,11 @@ import numpy as np
 
 from mapstorch.parallel import run_chunks
 
-__all__ = ["inverse_diagonal", "solve", "packed_stderr", "fisher_stderr"]
+__all__ = ["inverse_diagonal", "solve", "packed_stderr", "fisher_stderr", "quad_table"]
 
 _CHUNK = 1024  # matrices per work item
 _LANES = 64  # matrices side by side in the kernels' innermost loops (SIMD over matrices); 64 measured fastest
-_FISHER_PIXELS = 512  # pixels whose Fisher information is summed together (measured best of 256 / 512 / 1024)
-_FISHER_CHANNELS = 64  # channels per tile of weights: 64 x 512 float32, 128 KiB, stays in the core's L2 cache
+_FISHER_PIXELS = 512  # pixels whose Fisher information is summed together (measured best of 128 / 256 / 512)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -266,22 +265,51 @@ def _packed_stderr(upper, active, where, lo, hi, out, ok, rel):  # pragma: no co
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _fisher_stderr(w, pdt, first, stop, active, where, lo, hi, out, ok, rel):  # pragma: no cover - compiled
-    """Standard errors of pixels ``lo .. hi - 1`` from their Fisher information, built here:
-    entry ``t`` of the packed matrix of pixel ``p`` is ``sum_c pdt[t, c] w[c, p]`` over the
-    channels ``first[t] .. stop[t] - 1`` where the product of the two design columns is not
-    zero (channel-major weights ``w [C, P]``, the products ``pdt [T, C]``), summed in the
-    weights' dtype in channel order, four channels at a time (``(a + b) + (c + d)``). A block of
-    ``_FISHER_PIXELS`` pixels is summed over tiles of ``_FISHER_CHANNELS`` channels, so that
-    each tile of weights is read from memory once for all ``T`` entries; the matrices then go
-    to :func:`_stderr_lanes` ``_LANES`` at a time. Each pixel's numbers depend only on its own
-    weights: not on the block or thread it is in."""
-    nl = _LANES
+def _add_quad(acc, nb, qptr, qpair, qcoef, q, w1, w2, w3, w4):  # pragma: no cover - compiled
+    """Channel quad ``q``'s share of the packed Fisher information of ``nb`` pixels:
+    ``acc[t, :nb] += (k1 w1 + k2 w2) + (k3 w3 + k4 w4)`` for each entry ``t`` whose product of
+    design columns is not zero in the quad (``qpair[e]``, its four products ``qcoef[e]``, ``e``
+    in ``qptr[q] .. qptr[q + 1] - 1``); ``w1 .. w4`` the quad's weights ``[>= nb]``. The four
+    rows of weights stay in the core's L1 cache while every entry of the quad reads them."""
+    for e in range(qptr[q], qptr[q + 1]):
+        a = acc[qpair[e], :nb]
+        k1 = qcoef[e, 0]
+        k2 = qcoef[e, 1]
+        k3 = qcoef[e, 2]
+        k4 = qcoef[e, 3]
+        for j in range(nb):
+            a[j] += (k1 * w1[j] + k2 * w2[j]) + (k3 * w3[j] + k4 * w4[j])
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _block_stderr(acc, nb, b0, ut, active, where, out, ok, rel, buf, low, inv, diag, scale, act,
+                  bad):  # pragma: no cover - compiled
+    """The standard errors of pixels ``b0 .. b0 + nb - 1`` from their summed packed information
+    ``acc [T, >= nb]``, ``_LANES`` at a time through :func:`_stderr_lanes` (``ut``: its scratch)."""
+    nl = ut.shape[1]
+    for s0 in range(0, nb, nl):
+        ns = min(nl, nb - s0)
+        for t in range(acc.shape[0]):
+            src = acc[t]
+            dst = ut[t]
+            for l in range(ns):
+                dst[l] = src[s0 + l]
+            for l in range(ns, nl):
+                dst[l] = 0.0
+        _stderr_lanes(ut, active, where, b0 + s0, ns, out, ok, rel, buf, low, inv, diag, scale, act, bad)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _fisher_stderr(w, qptr, qpair, qcoef, active, where, lo, hi, out, ok, rel):  # pragma: no cover - compiled
+    """Standard errors of pixels ``lo .. hi - 1`` from their Fisher information, built here from
+    channel-major weights ``w [C, P]`` a channel quad at a time (:func:`_add_quad`; channels past
+    ``C`` have no products), ``_FISHER_PIXELS`` pixels together, summed in the weights' dtype.
+    Each pixel's numbers depend only on its own weights: not on the block or thread it is in."""
     k = active.shape[1]
-    n_t = pdt.shape[0]
+    n_t = where.max() + 1
     n_c = w.shape[0]
-    buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, nl)
-    ut = np.zeros((n_t, nl))
+    buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, _LANES)
+    ut = np.zeros((n_t, _LANES))
     npix = _FISHER_PIXELS
     acc = np.empty((n_t, npix), dtype=w.dtype)
     zero = w.dtype.type(0)
@@ -291,43 +319,12 @@ def _fisher_stderr(w, pdt, first, stop, active, where, lo, hi, out, ok, rel):  #
             a = acc[t]
             for j in range(nb):
                 a[j] = zero
-        for c0 in range(0, n_c, _FISHER_CHANNELS):
-            c1 = min(c0 + _FISHER_CHANNELS, n_c)
-            for t in range(n_t):
-                c = max(first[t], c0)
-                end = min(stop[t], c1)
-                if c >= end:
-                    continue
-                a = acc[t, :nb]
-                pt = pdt[t]
-                while c + 4 <= end:
-                    k1 = pt[c]
-                    k2 = pt[c + 1]
-                    k3 = pt[c + 2]
-                    k4 = pt[c + 3]
-                    w1 = w[c, b0:b0 + nb]
-                    w2 = w[c + 1, b0:b0 + nb]
-                    w3 = w[c + 2, b0:b0 + nb]
-                    w4 = w[c + 3, b0:b0 + nb]
-                    for j in range(nb):
-                        a[j] += (k1 * w1[j] + k2 * w2[j]) + (k3 * w3[j] + k4 * w4[j])
-                    c += 4
-                while c < end:
-                    k1 = pt[c]
-                    w1 = w[c, b0:b0 + nb]
-                    for j in range(nb):
-                        a[j] += k1 * w1[j]
-                    c += 1
-        for s0 in range(0, nb, nl):
-            ns = min(nl, nb - s0)
-            for t in range(n_t):
-                src = acc[t]
-                dst = ut[t]
-                for l in range(ns):
-                    dst[l] = src[s0 + l]
-                for l in range(ns, nl):
-                    dst[l] = 0.0
-            _stderr_lanes(ut, active, where, b0 + s0, ns, out, ok, rel, buf, low, inv, diag, scale, act, bad)
+        for q in range(qptr.shape[0] - 1):
+            c = 4 * q
+            _add_quad(acc, nb, qptr, qpair, qcoef, q, w[min(c, n_c - 1), b0:b0 + nb],
+                      w[min(c + 1, n_c - 1), b0:b0 + nb], w[min(c + 2, n_c - 1), b0:b0 + nb],
+                      w[min(c + 3, n_c - 1), b0:b0 + nb])
+        _block_stderr(acc, nb, b0, ut, active, where, out, ok, rel, buf, low, inv, diag, scale, act, bad)
 
 
 def _rel(a: np.ndarray) -> float:
@@ -376,13 +373,29 @@ def _packing(k: int) -> tuple[np.ndarray, int]:
     return where, pos
 
 
+def quad_table(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The products of design columns ``pairs [C, T]`` by channel quad (channels ``4q .. 4q + 3``;
+    past ``C``: none): ``(qptr [Q + 1], qpair, qcoef [E, 4])``, quad ``q``'s entries at
+    ``qptr[q] .. qptr[q + 1] - 1``, each a packed entry ``qpair`` whose product is not zero in the
+    quad and its four products (in ``pairs``' dtype, zero where the product is)."""
+    n_c, n_t = pairs.shape
+    n_q = -(-n_c // 4)
+    padded = np.zeros((4 * n_q, n_t), dtype=pairs.dtype)
+    padded[:n_c] = pairs
+    quads = padded.reshape(n_q, 4, n_t).transpose(0, 2, 1)  # [Q, T, 4]
+    q_idx, t_idx = np.nonzero((quads != 0).any(2))  # by quad, then entry
+    qptr = np.zeros(n_q + 1, dtype=np.int64)
+    np.cumsum(np.bincount(q_idx, minlength=n_q), out=qptr[1:])
+    return qptr, t_idx.astype(np.int64), np.ascontiguousarray(quads[q_idx, t_idx])
+
+
 def fisher_stderr(weights: np.ndarray, pairs: np.ndarray, active: np.ndarray, n_threads: int = 1
                   ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`packed_stderr` of the Fisher information ``pairs.T @ weights``, summed here without
     storing it: ``weights [C, P]`` channel-major, ``pairs [C, K (K + 1) / 2]`` the products of
     the design's columns (as ``torch.triu_indices``), both float32 or both float64. Only the
-    channels between each product's first and last non-zero are summed; the sums of each pixel
-    do not depend on the other pixels or the threads."""
+    channel quads where a product is not zero are summed (:func:`quad_table`); the sums of each
+    pixel do not depend on the other pixels or the threads."""
     k = active.shape[1]
     where, pos = _packing(k)
     if pairs.shape[1] != pos or weights.shape[0] != pairs.shape[0] or weights.shape[1] != active.shape[0]:
@@ -390,15 +403,11 @@ def fisher_stderr(weights: np.ndarray, pairs: np.ndarray, active: np.ndarray, n_
                          "do not match ([C, P], [C, K (K + 1) / 2], [P, K])")
     if weights.dtype != pairs.dtype:
         raise ValueError(f"fisher_stderr: weights and pairs must share a dtype, got {weights.dtype}, {pairs.dtype}")
-    nonzero = pairs != 0
-    any_c = nonzero.any(0)
-    first = np.where(any_c, nonzero.argmax(0), 0).astype(np.int64)
-    stop = np.where(any_c, pairs.shape[0] - nonzero[::-1].argmax(0), 0).astype(np.int64)
-    pdt = np.ascontiguousarray(pairs.T)
+    qptr, qpair, qcoef = quad_table(pairs)
     weights = np.ascontiguousarray(weights)
     out = np.empty(active.shape, dtype=weights.dtype)
     ok = np.empty(active.shape[0], dtype=np.bool_)
-    _ranges(active.shape[0], lambda lo, hi: _fisher_stderr(weights, pdt, first, stop, active, where, lo, hi, out, ok,
+    _ranges(active.shape[0], lambda lo, hi: _fisher_stderr(weights, qptr, qpair, qcoef, active, where, lo, hi, out, ok,
                                                            _rel(weights)), n_threads)
     return out, ok
 
