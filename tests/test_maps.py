@@ -211,6 +211,28 @@ def test_a_nan_pixel_leaves_the_chunk_sums_and_the_background_shape_finite(metho
     np.testing.assert_allclose(r.counts[:, others], ref.counts[:, others], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["nnls", "poisson"])
+def test_channel_major_files_fit_in_place_with_the_same_numbers(tmp_path, method):
+    # XRF-Maps (and raw fly-scan) files hold [channels, rows, cols]: their blocks reach the fit as
+    # channel-major views, which the SNIP reads in place; the maps are those of pixel-major data
+    from mapstorch.io.hdf5 import write_xrfmaps_h5
+    from mapstorch.io.open import open_dataset
+
+    sm = simulate_map(6, 40, seed=5)
+    ds = _dataset(sm)
+    path = tmp_path / "map.h5"
+    write_xrfmaps_h5(path, ds, compression=None)
+    with open_dataset(path) as h5:
+        block = h5.read(slice(0, 3))
+        flat = block[:, :, 0].reshape(-1, h5.channels)
+        assert flat.T.flags.c_contiguous  # the layout this test is about
+        got = fit_map(h5, sm.params, method=method, chunk_rows=3)
+    ref = fit_map(ds, sm.params, method=method, chunk_rows=3)
+    for key in ("counts", "counts_stderr", "reduced_chi2", "iterations", "status", "total_counts", "fitted_integrated",
+                "background_integrated"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(ref, key), err_msg=key)
+
+
 def test_nnls_map_recovers_the_majors():
     sm = simulate_map(16, 16, seed=0)
     r = fit_map(_dataset(sm, live=2.0), sm.params, method="nnls")

@@ -238,6 +238,17 @@ def test_compiled_engine_equals_blocked_bit_for_bit(shape, window, dtype):
     for c in range(n_w):
         seq += net[:, c:c + 1] * mat[c].numpy()
     assert_same_bits(proj.reshape(-1, 5), torch.from_numpy(seq))
+    # channel-major spectra ([..., C] views of [C, P] memory, as XRF-Maps files hold them): read
+    # in place, the same numbers; the window's counts are a view of the spectra, not a copy
+    flat_cm = y.reshape(-1, y.shape[-1]).T.contiguous().T
+    if flat_cm.shape[0] > 1:
+        y_cm = flat_cm.reshape(y.shape)
+        bg_cm, counts_cm, proj_cm = snip_window(y_cm, *CAL, window, engine="compiled", with_window=True,
+                                                project=mat)
+        assert_same_bits(bg_cm, want)
+        assert_same_bits(counts_cm, want_counts)
+        assert_same_bits(proj_cm, proj)
+        assert counts_cm.data_ptr() == flat_cm[:, window[0]].data_ptr()
 
 
 def test_projected_net_counts_keep_nan_and_check_their_input():

@@ -441,8 +441,12 @@ class _Job:
         from mapstorch.physics.model import FitWindow
 
         block = block[:, :, 0] if block.shape[2] == 1 else block.sum(2)  # one detector: no copy
-        y = torch.from_numpy(np.ascontiguousarray(block).reshape(-1, self.channels)).to(self.device)
-        y = y.to(self.dtype)
+        flat = block.reshape(-1, self.channels)  # a view where rows and columns are adjacent in memory
+        if not (flat.flags.c_contiguous or flat.T.flags.c_contiguous):
+            flat = np.ascontiguousarray(flat)
+        # channel-major blocks (XRF-Maps and raw fly-scan files store [C, rows, cols]) stay so: the
+        # SNIP reads them in place; a transposing copy cost more than the whole fit
+        y = torch.from_numpy(flat).to(self.device).to(self.dtype)
         part = _fit_chunk(y, self.design, self.per_unit, self.cal, FitWindow(*self.window), self.method,
                           self.max_iter, self.nl)
         return {k: v if k.startswith("integrated_") else  # sums over the chunk's pixels, [window channels]

@@ -375,14 +375,17 @@ def _snip_window_numpy(spectra: Tensor, widths, a0: int, b0: int, a: int, b: int
 def _snip_window_compiled(spectra: Tensor, widths, a: int, b: int, first: int, last: int, lo_limit: int,
                           up_limit: int, with_window: bool = False, project: Tensor | None = None):
     """:func:`snip_window` with the compiled CPU engine (:mod:`snip_cpu`): the same numbers as
-    :func:`_snip_window_numpy`, read from pixel-major spectra, returned channel-major in memory
-    (transposed views) as the blocked engine's, on up to ``torch.get_num_threads()`` threads."""
+    :func:`_snip_window_numpy`, read from pixel-major spectra or in place from channel-major ones
+    (``[..., C]`` views of ``[C, ...]`` memory), returned channel-major in memory (transposed
+    views) as the blocked engine's, on up to ``torch.get_num_threads()`` threads."""
     lead, n = spectra.shape[:-1], spectra.shape[-1]
-    x = spectra.detach().reshape(-1, n).contiguous().numpy()  # [P, C]
+    flat = spectra.detach().reshape(-1, n)
+    channel_major = flat.shape[0] > 1 and flat.T.is_contiguous()  # a view of [C, P] memory (XRF-Maps files)
+    x = (flat.T if channel_major else flat.contiguous()).numpy()  # [C, P] or [P, C]
     steps = _cpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit)
     mat = None if project is None else project.detach().to(device="cpu", dtype=spectra.dtype).numpy()
     bg, counts, *proj = _snip_cpu().snip_window_cpu(x, first, last, steps, with_window, torch.get_num_threads(),
-                                                    project=mat)  # [Cw, P]; [K, P]
+                                                    project=mat, channel_major=channel_major)  # [Cw, P]; [K, P]
     out = tuple(torch.from_numpy(v).T.reshape(*lead, v.shape[0]) for v in (bg, counts, *proj) if v is not None)
     return out if with_window else out[0]
 

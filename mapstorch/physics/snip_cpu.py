@@ -8,7 +8,8 @@ numbers bit for bit, done a chunk of spectra at a time so that the chunk's chann
 1. compiled: the chunk's crop of pixel-major spectra ``[P, C]`` transposed in 16 x 16 tiles,
    XRF-Maps' 5-channel boxcar ``((((x0 + x1) + x2) + x3) + x4) * 0.2`` (0 at the two channels at
    each end of the spectrum) and ``+ 1`` over the window channels, and, if asked, the window's
-   counts written channel-major;
+   counts written channel-major (channel-major spectra ``[C, P]``, the layout of XRF-Maps files,
+   are read in place: no transposition, no copy of the counts);
 2. NumPy: ``log``, ``+ 1``, ``log`` (numba's scalar ``log``/``exp`` round differently from
    NumPy's SIMD ones in the last bit, so the transcendental functions stay in NumPy);
 3. compiled: every pass of the clipping ``v[c] = min(v[c], 0.5 * (v[lo] + v[hi]))``, channel
@@ -97,6 +98,28 @@ def _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts):  # pragma: no
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
+def _load_chunk_cm(xc, p0, nb, first, last, fifth, one, v):  # pragma: no cover - compiled
+    """:func:`_load_chunk` for channel-major spectra ``xc [C, P]``: ``boxcar + 1`` of the window
+    channels of spectra ``p0 .. p0 + nb - 1`` into ``v [Cw, >= nb]``, read straight from the
+    channel rows (no transposition), with the same float operations."""
+    n = xc.shape[0]
+    for c in range(last - first + 1):
+        k = first + c
+        out = v[c, :nb]
+        if k >= 2 and k <= n - 3:
+            t0 = xc[k - 2, p0:p0 + nb]
+            t1 = xc[k - 1, p0:p0 + nb]
+            t2 = xc[k, p0:p0 + nb]
+            t3 = xc[k + 1, p0:p0 + nb]
+            t4 = xc[k + 2, p0:p0 + nb]
+            for j in range(nb):
+                out[j] = ((((t0[j] + t1[j]) + t2[j]) + t3[j]) + t4[j]) * fifth + one
+        else:
+            for j in range(nb):
+                out[j] = one
+
+
+@numba.njit(nogil=True, cache=True, fastmath=False)
 def _sweep_chunk(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
     """The clipping steps in order on the first ``nb`` spectra of ``v [Cw, >= nb]``, in place.
 
@@ -133,11 +156,11 @@ def _sweep_chunk(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _store_chunk(v, nb, one, out, p0, t, r0, net):  # pragma: no cover - compiled
+def _store_chunk(v, nb, one, out, p0, t, r0, t0, net):  # pragma: no cover - compiled
     """``out[:, p0:p0 + nb] = v - 1`` with non-finite values 0; ``v [Cw, >= nb]``. Where
     ``net[c]`` (the channels a projection reads), ``v``'s row ``c`` is then overwritten with the
     net counts ``max(counts - background, 0)`` (NaN kept, as torch's clamp); the counts of window
-    channel ``c`` are row ``r0 + c`` of the transposed crop ``t``."""
+    channel ``c`` are ``t[r0 + c, t0:t0 + nb]`` (the transposed crop, or channel-major spectra)."""
     zero = one - one
     for c in range(v.shape[0]):
         src = v[c, :nb]
@@ -146,7 +169,7 @@ def _store_chunk(v, nb, one, out, p0, t, r0, net):  # pragma: no cover - compile
             e = src[j] - one
             dst[j] = e if e - e == zero else zero
         if net[c]:
-            cnt = t[r0 + c, :nb]
+            cnt = t[r0 + c, t0:t0 + nb]
             for j in range(nb):
                 d = cnt[j] - dst[j]
                 src[j] = zero if d < zero else d
@@ -226,24 +249,28 @@ def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_li
 
 
 def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarray, np.ndarray, np.ndarray],
-                    with_counts: bool = False, n_threads: int = 1, project: np.ndarray | None = None
+                    with_counts: bool = False, n_threads: int = 1, project: np.ndarray | None = None,
+                    channel_major: bool = False
                     ) -> tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """XRF-Maps' SNIP background of pixel-major spectra ``x [P, C]`` (C-contiguous float32 or
-    float64) over the window channels ``first..last``, channel-major: ``[Cw, P]``.
+    float64; with ``channel_major``, ``x [C, P]``: the spectra's transpose, as XRF-Maps files
+    store them) over the window channels ``first..last``, channel-major: ``[Cw, P]``. Both
+    layouts give the same numbers bit for bit.
 
     steps : the clipping steps ``(channel, lo, hi)`` in window channels (:func:`sweep_steps`).
-    With ``with_counts`` also returns the window's counts ``x[:, first:last + 1].T`` as a
-    C-contiguous ``[Cw, P]`` (else None). With ``project`` (``[Cw, K]``) third the net counts
-    ``max(counts - background, 0)`` projected on its columns, ``[K, P]``: the right-hand side of
-    a least-squares fit of the net counts, computed while each chunk of spectra is in the cache
-    (the net counts themselves are not stored), over the matrix's non-zero entries, summed
-    channel after channel in ``x``'s dtype. Runs on up to ``n_threads`` threads.
+    With ``with_counts`` also returns the window's counts ``[Cw, P]``, C-contiguous (else None):
+    a copy of ``x[:, first:last + 1].T``, or with ``channel_major`` the view ``x[first:last + 1]``.
+    With ``project`` (``[Cw, K]``) third the net counts ``max(counts - background, 0)``
+    projected on its columns, ``[K, P]``: the right-hand side of a least-squares fit of the net
+    counts, computed while each chunk of spectra is in the cache (the net counts themselves are
+    not stored), over the matrix's non-zero entries, summed channel after channel in ``x``'s
+    dtype. Runs on up to ``n_threads`` threads.
     """
     if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype not in (np.float32, np.float64) \
             or not x.flags.c_contiguous:
-        raise InputError("the compiled SNIP needs C-contiguous float32/float64 spectra [P, C], got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-    n_pix, n = x.shape
+        raise InputError(f"the compiled SNIP needs C-contiguous float32/float64 spectra {'[C, P]' if channel_major else '[P, C]'}, "
+                         f"got {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    n, n_pix = x.shape if channel_major else x.shape[::-1]
     if not 0 <= first <= last < n:
         raise InputError(f"SNIP window ({first}, {last}) lies outside the {n} channels")
     n_w = last - first + 1
@@ -256,7 +283,7 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     dtype = x.dtype.type
     fifth, one, half = dtype(0.2), dtype(1.0), dtype(0.5)
     out = np.empty((n_w, n_pix), dtype=x.dtype)
-    counts = np.empty((n_w, n_pix) if with_counts else (0, 0), dtype=x.dtype)
+    counts = np.empty((n_w, n_pix) if with_counts and not channel_major else (0, 0), dtype=x.dtype)
     r0 = first - max(first - 2, 0)  # the crop row of window channel 0
     chunk = chunk_size(n_w, x.dtype.itemsize)
     if project is not None:
@@ -272,7 +299,7 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     n_x = min(last + 3, n) - max(first - 2, 0)
 
     def work(chunks):
-        t = np.empty((n_x, chunk), dtype=x.dtype)  # this thread's scratch and slab
+        t = np.empty((0 if channel_major else n_x, chunk), dtype=x.dtype)  # this thread's scratch and slab
         slab = np.empty((n_w, chunk), dtype=x.dtype)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for i in chunks:
@@ -280,7 +307,10 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
                 nb = min(chunk, n_pix - p0)
                 # NumPy's ufuncs on whole C-contiguous arrays, as in the blocked engine
                 v = slab if nb == chunk else np.empty((n_w, nb), dtype=x.dtype)
-                _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts)
+                if channel_major:
+                    _load_chunk_cm(x, p0, nb, first, last, fifth, one, v)
+                else:
+                    _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts)
                 np.log(v, out=v)
                 v += one
                 np.log(v, out=v)
@@ -288,11 +318,16 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
                 np.exp(v, out=v)
                 v -= one
                 np.exp(v, out=v)
-                _store_chunk(v, nb, one, out, p0, t, r0, net)
+                if channel_major:  # the counts straight from the spectra's rows
+                    _store_chunk(v, nb, one, out, p0, x, first, p0, net)
+                else:
+                    _store_chunk(v, nb, one, out, p0, t, r0, 0, net)
                 if project is not None:
                     _project_chunk(v, nb, cptr, cval, crow, proj, p0)
 
     run_chunks(work, -(-n_pix // chunk), n_threads, name="mapstorch-snip")
+    if channel_major and with_counts:
+        counts = x[first:last + 1]
     if project is not None:
         return out, (counts if with_counts else None), proj
     return out, (counts if with_counts else None)
