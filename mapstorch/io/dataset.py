@@ -20,7 +20,8 @@ import numpy as np
 
 from mapstorch.errors import InputError
 
-__all__ = ["Dataset", "SCALER_ROLES", "DataFileError", "check_counts", "calibration_spread", "aligned_sum"]
+__all__ = ["Dataset", "SCALER_ROLES", "DataFileError", "check_counts", "calibration_spread", "aligned_sum",
+           "stack_detectors"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,24 @@ def check_counts(block: np.ndarray, path: str, first_row: int = 0) -> np.ndarray
     where = (idx[0] + first_row,) + idx[1:]
     raise DataFileError(f"{path}: count {block[idx]} at (row, col, detector, channel) {where}; "
                         "counts must be finite and >= 0")
+
+
+def stack_detectors(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """One-detector blocks ``[rows, cols, 1, C]`` side by side as ``[rows, cols, D, C]``. Blocks
+    that are views of channel-major memory (``[C, rows, cols]``, as XRF-Maps files hold them)
+    give a view of channel-major memory too, filled by plain copies: concatenating them along
+    the detector axis would transpose every value into a pixel-major array, which cost several
+    times more than the fit."""
+    if len(blocks) == 1:
+        return blocks[0]
+    if all(b.ndim == 4 and b.shape[2] == 1 and b[:, :, 0].transpose(2, 0, 1).flags.c_contiguous for b in blocks):
+        rows, cols, _, chans = blocks[0].shape
+        if all(b.shape == blocks[0].shape for b in blocks):
+            out = np.empty((len(blocks), chans, rows, cols), dtype=np.result_type(*blocks))
+            for i, b in enumerate(blocks):
+                out[i] = b[:, :, 0].transpose(2, 0, 1)
+            return out.transpose(2, 3, 0, 1)
+    return np.concatenate(blocks, 2)
 
 
 def calibration_spread(calibration, channels: int) -> float:

@@ -33,7 +33,8 @@ import numpy as np
 
 from mapstorch.errors import MapstorchError
 from mapstorch.io.atomic import check_target, temporary_beside
-from mapstorch.io.dataset import DataFileError, Dataset, check_counts
+from mapstorch.io.dataset import DataFileError, Dataset, check_counts, stack_detectors
+from mapstorch.io.h5chunks import read_block as read_selection
 
 __all__ = [
     "read_xrfmaps_h5",
@@ -224,7 +225,7 @@ def _xrfmaps_dataset(f) -> Dataset:
         # one detector per file, so ``detectors`` is [0]; the block is returned as a transposed
         # view of the (channels, rows, cols) array read, without a copy
         try:
-            block = mca[:, start:stop, :]
+            block = read_selection(mca, (slice(None), slice(start, stop), slice(None)))  # gzip: inflated on every core
         except (OSError, RuntimeError, ValueError) as exc:
             raise DataFileError(f"{p}: rows {start}-{stop - 1} of {mca_path} cannot be read ({exc})") from None
         out = np.transpose(np.asarray(block, dtype=np.float32), (1, 2, 0))[:, :, None, :]
@@ -324,8 +325,8 @@ def read_xrfmaps_h5_detectors(paths: Sequence[str | os.PathLike[str]]) -> Datase
         arrs = [getattr(d, name) for d in parts]
         return None if any(a is None for a in arrs) else np.concatenate(arrs, -1)
 
-    def read_block(start: int, stop: int, detectors: Sequence[int]) -> np.ndarray:
-        return np.concatenate([parts[d].read(slice(start, stop)) for d in detectors], 2)
+    def read_rows(start: int, stop: int, detectors: Sequence[int]) -> np.ndarray:
+        return stack_detectors([parts[d].read(slice(start, stop)) for d in detectors])
 
     def close() -> None:
         for d in parts:
@@ -334,7 +335,7 @@ def read_xrfmaps_h5_detectors(paths: Sequence[str | os.PathLike[str]]) -> Datase
     return Dataset(
         path=os.fspath(paths[0]), format=first.format, rows=first.rows, cols=first.cols, detectors=len(parts),
         channels=first.channels, calibration=np.concatenate([d.calibration for d in parts]),
-        read_block=read_block, live_time=stack("live_time"), real_time=stack("real_time"),
+        read_block=read_rows, live_time=stack("live_time"), real_time=stack("real_time"),
         input_counts=stack("input_counts"), output_counts=stack("output_counts"), count_units=first.count_units,
         scalers=first.scalers, scaler_units=first.scaler_units, scaler_roles=first.scaler_roles,
         x_axis=first.x_axis, y_axis=first.y_axis, incident_energy=first.incident_energy, extra_pvs=first.extra_pvs,
@@ -453,7 +454,8 @@ def _flyscan_dataset(f, scalers, calibration) -> Dataset:
 
     def read_block(start: int, stop: int, detectors: Sequence[int]) -> np.ndarray:
         try:
-            parts = [np.asarray(dsets[d][:, start:stop, :], dtype=np.float32) for d in detectors]
+            parts = [np.asarray(read_selection(dsets[d], (slice(None), slice(start, stop), slice(None))), dtype=np.float32)
+                     for d in detectors]
         except (OSError, RuntimeError, ValueError) as exc:
             raise DataFileError(f"{p}: rows {start}-{stop - 1} cannot be read ({exc})") from None
         block = np.transpose(np.stack(parts), (2, 3, 0, 1))  # (D, C, r, cols) -> (r, cols, D, C)

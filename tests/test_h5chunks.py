@@ -1,0 +1,169 @@
+"""Reading chunked, deflate-compressed HDF5 datasets on several threads (mapstorch.io.h5chunks):
+always h5py's own numbers, whatever the filters, chunking, selection or damage."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from mapstorch.io import h5chunks
+from mapstorch.io.dataset import DataFileError, Dataset, stack_detectors
+from mapstorch.io.hdf5 import write_xrfmaps_h5
+from mapstorch.io.open import open_dataset
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Counts the chunks this module decodes itself (so a test knows the fast path ran)."""
+    calls = []
+    real = h5chunks._decode
+
+    def counting(*args):
+        calls.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(h5chunks, "_decode", counting)
+    monkeypatch.setattr(h5chunks, "_MIN_BYTES", 0)  # the tests' small datasets take the fast path too
+    monkeypatch.setattr(h5chunks, "_MIN_CHUNK_BYTES", 0)
+    return calls
+
+
+def _values(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.poisson(3.0, size=shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2", "<f8"])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_chunked_gzip_blocks_equal_h5pys(tmp_path, decoded, dtype, shuffle):
+    data = _values((70, 11, 9), dtype)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        # chunks that do not divide the shape: part chunks at every edge
+        f.create_dataset("x", data=data, chunks=(32, 2, 4), compression="gzip", shuffle=shuffle)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        d = f["x"]
+        for sel in [(slice(None), slice(0, 11), slice(None)), (slice(None), slice(3, 8), slice(None)),
+                    (slice(5, 61), slice(1, 2), slice(2, 9)), (slice(None), slice(10, 11), slice(None))]:
+            for threads in (1, 3):
+                got = h5chunks.read_block(d, sel, n_threads=threads)
+                want = d[sel]
+                assert got.dtype == want.dtype and got.shape == want.shape
+                np.testing.assert_array_equal(got, want)
+        assert decoded  # the threads' path, not h5py's
+
+
+def test_other_filters_go_to_h5py_and_unfiltered_chunks_are_copied(tmp_path, decoded):
+    data = _values((64, 6, 5), "<f4")
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("lzf", data=data, chunks=(64, 1, 5), compression="lzf")
+        f.create_dataset("sum", data=data, chunks=(64, 1, 5), compression="gzip", fletcher32=True)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        for name in ("lzf", "sum"):
+            np.testing.assert_array_equal(h5chunks.read_block(f[name], (slice(None), slice(1, 5), slice(None))),
+                                          data[:, 1:5])
+    assert not decoded
+    with h5py.File(tmp_path / "e.h5", "w") as f:
+        f.create_dataset("plain", data=data, chunks=(64, 1, 5))  # chunked without filters
+    with h5py.File(tmp_path / "e.h5", "r") as f:
+        np.testing.assert_array_equal(h5chunks.read_block(f["plain"], (slice(None), slice(1, 5), slice(None))),
+                                      data[:, 1:5])
+    assert len(decoded) == 4
+
+
+def test_one_spectrum_chunks_come_back_pixel_major(tmp_path, decoded):
+    # XRF-Maps' own chunking, one pixel's spectrum per chunk: each chunk is copied whole into
+    # memory where the channels are innermost (the result a transposed view)
+    data = _values((300, 4, 6), "<f4", seed=2)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("x", data=data, chunks=(300, 1, 1), compression="gzip", shuffle=True)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        got = h5chunks.read_block(f["x"], (slice(None), slice(1, 3), slice(None)), n_threads=2)
+    np.testing.assert_array_equal(got, data[:, 1:3])
+    assert got.transpose(1, 2, 0).flags.c_contiguous and len(decoded) == 12
+
+
+def test_contiguous_datasets_are_read_in_pieces(tmp_path, monkeypatch, decoded):
+    monkeypatch.setattr(h5chunks, "_PIECE_BYTES", 1000)  # many pieces, most not a whole number of rows
+    pieces = []
+    real = h5chunks.os.preadv
+    monkeypatch.setattr(h5chunks.os, "preadv", lambda fd, bufs, at: pieces.append(at) or real(fd, bufs, at))
+    data = _values((40, 7, 33), "<i2")
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("x", data=data)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        for threads in (1, 3):
+            np.testing.assert_array_equal(h5chunks.read_block(f["x"], (slice(5, 31), slice(None), slice(None)),
+                                                              n_threads=threads), data[5:31])
+        assert len(pieces) > 2  # read in pieces, not at once
+        # not a slab of whole rows: h5py's read
+        np.testing.assert_array_equal(h5chunks.read_block(f["x"], (slice(5, 31), slice(1, 3), slice(None))),
+                                      data[5:31, 1:3])
+    with h5py.File(tmp_path / "core.h5", "w", driver="core", backing_store=False) as f:  # not the sec2 driver
+        d = f.create_dataset("x", data=data)
+        np.testing.assert_array_equal(h5chunks.read_block(d, (slice(5, 31), slice(None), slice(None))), data[5:31])
+
+
+def test_a_chunk_never_written_reads_as_its_fill_value(tmp_path, decoded):
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        d = f.create_dataset("x", shape=(16, 4, 3), dtype="<f4", chunks=(16, 1, 3), compression="gzip", fillvalue=-1.0)
+        d[:, :2] = 5.0  # rows 2 and 3: never written
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        got = h5chunks.read_block(f["x"], (slice(None), slice(0, 4), slice(None)))
+    assert (got[:, :2] == 5.0).all() and (got[:, 2:] == -1.0).all()
+
+
+def test_a_chunk_stored_without_its_filter_is_read_as_hdf5_does(tmp_path, decoded):
+    data = _values((16, 3, 4), "<f4")
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        d = f.create_dataset("x", data=data, chunks=(16, 1, 4), compression="gzip")
+        d.id.write_direct_chunk((0, 1, 0), data[:, 1:2].tobytes(), filter_mask=1)  # deflate skipped there
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        got = h5chunks.read_block(f["x"], (slice(None), slice(0, 3), slice(None)))
+        np.testing.assert_array_equal(got, f["x"][:, 0:3])
+    np.testing.assert_array_equal(got, data)
+    assert len(decoded) == 3
+
+
+def test_a_damaged_chunk_is_a_clear_error(tmp_path, decoded):
+    data = _values((2048, 4, 8), "<f4")
+    ds = Dataset(path="<sim>", format="npy", rows=4, cols=8, detectors=1, channels=2048,
+                 calibration=np.array([[0.0, 0.01, 0.0]]), spectra=np.transpose(data, (1, 2, 0))[:, :, None, :])
+    path = tmp_path / "map.h5"
+    write_xrfmaps_h5(path, ds, compression="gzip")
+    with h5py.File(path, "r+") as f:
+        d = f["MAPS/Spectra/mca_arr"]
+        raw = bytearray(d.id.read_direct_chunk((0, 2, 0))[1])
+        raw[40:80] = bytes(40)  # garbage inside the deflate stream
+        d.id.write_direct_chunk((0, 2, 0), bytes(raw))
+    with h5py.File(path, "r") as f, pytest.raises(OSError, match=r"chunk at \(0, 2, 0\) cannot be inflated"):
+        h5chunks.read_block(f["MAPS/Spectra/mca_arr"], (slice(None), slice(0, 4), slice(None)))
+    with open_dataset(path) as h5:
+        np.testing.assert_array_equal(h5.read(slice(0, 2))[:, :, 0], np.transpose(data, (1, 2, 0))[:2])
+        with pytest.raises(DataFileError, match="rows 2-3"):
+            h5.read(slice(2, 4))
+
+
+def test_xrfmaps_files_read_the_same_compressed_or_not(tmp_path, decoded):
+    data = _values((2048, 5, 7), "<f4", seed=3)
+    ds = Dataset(path="<sim>", format="npy", rows=5, cols=7, detectors=1, channels=2048,
+                 calibration=np.array([[0.0, 0.01, 0.0]]), spectra=np.transpose(data, (1, 2, 0))[:, :, None, :])
+    for comp in (None, "gzip"):
+        write_xrfmaps_h5(tmp_path / f"{comp}.h5", ds, compression=comp)
+    with open_dataset(tmp_path / "gzip.h5") as a, open_dataset(tmp_path / "None.h5") as b:
+        got, want = a.read(slice(1, 5)), b.read(slice(1, 5))
+    np.testing.assert_array_equal(got, want)
+    assert got[:, :, 0].transpose(2, 0, 1).flags.c_contiguous  # channel-major, as the file
+    assert decoded
+
+
+def test_detector_blocks_stack_without_transposing():
+    rng = np.random.default_rng(1)
+    mem = [rng.random((50, 3, 4)).astype(np.float32) for _ in range(3)]  # [C, rows, cols] each
+    blocks = [np.transpose(m, (1, 2, 0))[:, :, None, :] for m in mem]
+    got = stack_detectors(blocks)
+    np.testing.assert_array_equal(got, np.concatenate(blocks, 2))
+    assert got.shape == (3, 4, 3, 50) and got.transpose(2, 3, 0, 1).flags.c_contiguous
+    pixel_major = [np.ascontiguousarray(b) for b in blocks]
+    np.testing.assert_array_equal(stack_detectors(pixel_major), np.concatenate(blocks, 2))
+    assert stack_detectors(blocks[:1]) is blocks[0]
