@@ -60,6 +60,12 @@ Nonlinear fits (parameter maps), each with 2 threads:
   ``nonlinear_ratio`` = ours / PyMca in pixels per second. The median fitted detector parameters,
   iterations, fits at ``maxiter`` and failed fits of PyMca are reported (``baseline_nonlinear_*``).
 
+The same map in ``mapstorch map``'s own input format, XRF-Maps' v10 layout (``mca_arr``
+``(channels, rows, cols)``, a row of pixels per chunk), once uncompressed and once gzip-compressed
+as beamline files are: ``open_dataset`` + ``fit_map(method="nnls")``, reading included, the maps
+checked equal to the main run's (``ours_xrfmaps_layout_pixels_per_second``; ``--no-xrfmaps-layout``
+skips it).
+
 Peak memory: a fresh process maps the same file with ``fit_map`` (reading a chunk of rows at a
 time) and reports its peak resident set size next to the file size and the chunk size
 (``ours_peak_rss_mb``, ``file_mb``, ``chunk_mb``): memory stays bounded by the chunk, not the file.
@@ -98,6 +104,8 @@ _OURS_ONLY = ("GOMP_SPINCOUNT",) if _OPENMP_TUNED else ()  # PyMca runs with its
 import h5py
 import numpy as np
 import torch
+
+from mapstorch.io.h5chunks import read_block as read_selection  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _venv import BENCH, ensure_venv, run_json
@@ -185,11 +193,42 @@ def _h5_dataset(path: Path, calibration: np.ndarray) -> Dataset:
     d = f["spectra"]
     rows, cols, chans = d.shape
 
-    def read_block(start: int, stop: int, dets) -> np.ndarray:
-        return d[start:stop][:, :, None, :]
+    def read_block(start: int, stop: int, dets) -> np.ndarray:  # as mapstorch's HDF5 readers read blocks
+        return read_selection(d, (slice(start, stop), slice(None), slice(None)))[:, :, None, :]
 
     return Dataset(path=str(path), format="hdf5-bench", rows=rows, cols=cols, detectors=1, channels=chans,
                    calibration=calibration, read_block=read_block, close_fn=f.close)
+
+
+def _xrfmaps_layout(path: Path, calibration: np.ndarray, ps, tmp: Path, ref) -> dict:
+    """``mapstorch map``'s own input: the same spectra in XRF-Maps' v10 layout (``mca_arr``
+    ``(channels, rows, cols)``, one row of pixels per chunk, as ``write_xrfmaps_h5`` writes), once
+    uncompressed and once gzip-compressed (as XRF-Maps and the fly-scan writers store them), each
+    opened with ``open_dataset`` and fitted with ``fit_map(method="nnls")``, timed as the main run
+    (reading included). The maps must equal the main run's."""
+    from mapstorch.io.hdf5 import write_xrfmaps_h5
+    from mapstorch.io.open import open_dataset
+
+    out = {}
+    for comp in (None, "gzip"):
+        target = tmp / f"xrfmaps_{comp or 'raw'}.h5"
+        src = _h5_dataset(path, calibration)
+        try:
+            write_xrfmaps_h5(target, src, compression=comp)
+        finally:
+            src.close_fn()
+        with open_dataset(target) as ds:
+            ts = time.perf_counter()
+            rv = fit_map(ds, ps, method="nnls")
+            seconds = time.perf_counter() - ts
+        if not np.array_equal(rv.counts, ref.counts):
+            raise SystemExit(f"the XRF-Maps-layout ({comp or 'uncompressed'}) maps differ from the main run's")
+        pps = rv.counts[0].size / seconds
+        log.info("mapstorch nnls on an XRF-Maps v10 file (%s, %.0f MB): %.0f pixels/s (the same maps)",
+                 comp or "uncompressed", target.stat().st_size / 1e6, pps)
+        out[comp or "uncompressed"] = round(pps, 1)
+        target.unlink()
+    return out
 
 
 def main() -> None:
@@ -206,6 +245,8 @@ def main() -> None:
                     help="nonlinear timings: the best of this many runs, for both (default 3)")
     ap.add_argument("--nonlinear-pixels", type=int, default=None,
                     help="PyMca's nonlinear fit: only the first N pixels of the first two rows (default: all)")
+    ap.add_argument("--no-xrfmaps-layout", dest="xrfmaps_layout", action="store_false",
+                    help="skip the fits of the same map stored in XRF-Maps' layout (uncompressed and gzip)")
     ap.add_argument("--pymca-free", default="zero,gain,noise,fano",
                     help="detector parameters PyMca's nonlinear fit frees (of zero,gain,noise,fano)")
     args = ap.parse_args()
@@ -282,6 +323,7 @@ def main() -> None:
                  "median parameters %s", ",".join(rn.parameter_names), nl_rows * cols, nonlinear_pps,
                  int((rn.status != 0).sum()), rel_nl["Fe"],
                  {n: round(float(np.nanmedian(v)), 6) for n, v in zip(rn.parameter_names, rn.parameters)})
+        v10 = _xrfmaps_layout(path, calibration, ps, Path(tmp), r) if args.xrfmaps_layout else {}
         peak_rss_mb, chunk_mb = _peak_rss(path, calibration, ps, args.threads)
         file_mb = path.stat().st_size / 1e6
         log.info("mapstorch nnls in a fresh process: peak RSS %.0f MB for a %.0f MB file (chunk of spectra %.0f MB)",
@@ -333,6 +375,7 @@ def main() -> None:
         "ratio": round(ours_pps / base["pixels_per_second"], 2) if base else None,
         "ours_method": "nnls",
         "ours_peak_rss_mb": round(peak_rss_mb),
+        "ours_xrfmaps_layout_pixels_per_second": v10 or None,
         "ours_nonlinear_pixels_per_second": round(nonlinear_pps, 1),
         "ours_nonlinear_pixels": nl_rows * cols,
         "ours_nonlinear_free": list(rn.parameter_names),
