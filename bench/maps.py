@@ -210,6 +210,15 @@ def _xrfmaps_layout(path: Path, calibration: np.ndarray, ps, tmp: Path, ref) -> 
     from mapstorch.io.open import open_dataset
 
     out = {}
+    src = _h5_dataset(path, calibration)
+    try:  # untimed warm-up, as the main run's: the kernels that read channel-major blocks in place
+        warm = Dataset(path="<warm-up>", format="npy", rows=1, cols=src.cols, detectors=1, channels=src.channels,
+                       calibration=calibration, spectra=src.read(slice(0, 1)))
+    finally:
+        src.close_fn()
+    write_xrfmaps_h5(tmp / "xrfmaps_warm.h5", warm, compression="gzip")
+    with open_dataset(tmp / "xrfmaps_warm.h5") as ds:
+        fit_map(ds, ps, method="nnls")
     for comp in (None, "gzip"):
         target = tmp / f"xrfmaps_{comp or 'raw'}.h5"
         src = _h5_dataset(path, calibration)
