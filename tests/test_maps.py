@@ -143,6 +143,47 @@ def test_batched_poisson_matches_direct_minimisation():
         np.testing.assert_allclose(a[p].numpy(), ref.x, atol=2e-2 * max(ref.x.max(), 1))
 
 
+def test_poisson_map_solver_reaches_the_likelihood_optimum_in_a_few_steps():
+    # the poisson method's own problem (elements plus a background shape, from the NNLS start
+    # and the background start of fit_map): every pixel at the optimum of an independent
+    # bounded minimiser (to the solver's deviance tolerance), in a handful of steps
+    from scipy.optimize import minimize
+
+    from mapstorch.maps.fit import _background_start
+    from mapstorch.physics.model import SpectrumModel
+    from mapstorch.physics.snip import snip_window
+
+    sm = simulate_map(4, 6, counts={k: v / 10 for k, v in DEMO_SAMPLE.items()}, seed=3)
+    ps, w = sm.params, sm.window
+    design = SpectrumModel(sm.lines, w, dtype=torch.float64).design_matrix(ps.shape_values().double()).detach()
+    y = torch.as_tensor(sm.counts.reshape(-1, sm.counts.shape[-1]), dtype=torch.float64)
+    cal = [float(ps[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE", "ENERGY_QUADRATIC", "SNIP_WIDTH")]
+    bg, yw, rhs = snip_window(y, *cal, (w.first, w.last), with_window=True, project=design)
+    a0, _, _ = solvers.nnls(design, None, rhs=rhs)
+    shape = snip_window(y.sum(0, keepdim=True), *cal, (w.first, w.last))[0]
+    shape = shape / shape.sum()
+    aug = torch.cat([design, shape[:, None]], 1)
+    yp = yw.contiguous()
+    start = torch.cat([a0, _background_start(design, shape, a0, yp)[:, None]], 1)
+    a, iters, ok = solvers.poisson(aug, yp, None, start)
+    assert bool(ok.all()) and int(iters.max()) <= 8, iters
+    dev = solvers.deviance_rows(yp, (a @ aug.T).clamp(min=1e-300))
+    d, yn = aug.numpy(), yp.numpy()
+    for p in range(0, len(yn), 5):
+        def nll(x):
+            m = np.maximum(d @ x, 1e-300)
+            return 2.0 * float(np.sum(m - yn[p] * np.log(m)))
+
+        def grad(x):
+            m = np.maximum(d @ x, 1e-300)
+            return 2.0 * d.T @ (1.0 - yn[p] / m)
+
+        ref = minimize(nll, start[p].numpy(), jac=grad, bounds=[(0, None)] * d.shape[1], method="L-BFGS-B",
+                       options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 20000})
+        const = 2.0 * float(np.sum(yn[p] * np.log(np.maximum(yn[p], 1e-300)) - yn[p]))  # deviance = nll + const
+        assert float(dev[p]) <= ref.fun + const + 2e-2, (p, float(dev[p]), ref.fun + const)
+
+
 def test_poisson_stderr_is_the_inverse_fisher_information():
     d = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], dtype=torch.float64)
     a = torch.tensor([[10.0, 20.0]], dtype=torch.float64)

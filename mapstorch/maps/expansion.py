@@ -32,6 +32,7 @@ import logging
 import torch
 from torch import Tensor
 
+from mapstorch.maps.solvers import deviance_rows as _deviance
 from mapstorch.maps.solvers import inverse_diagonal, pair_blocks, spd_solve, weighted_pairs
 
 log = logging.getLogger(__name__)
@@ -195,17 +196,6 @@ class DesignExpansion:
         other.device = torch.device(device)
         other._cells = {k: (e.to(device), w.to(device), c) for k, (e, w, c) in self._cells.items()}
         return other
-
-
-def _deviance(y: Tensor, m: Tensor, y_pos: Tensor | None = None) -> Tensor:
-    """Poisson deviance per pixel ``[P]``: ``2 sum (y log(y / m) - (y - m))``, term by term (each
-    small: accurate in float32, unlike ``sum m - sum y log m + const``). ``y_pos``: ``y`` with
-    zeros raised to the smallest normal number (``0 log 0`` is then 0 without a test)."""
-    if y_pos is None:
-        y_pos = y.clamp(min=torch.finfo(y.dtype).tiny)
-    ratio = torch.div(y_pos, m)
-    ratio.log_().mul_(y).sub_(y).add_(m)
-    return 2.0 * ratio.sum(-1)
 
 
 def refit(exp: DesignExpansion, counts: Tensor, background: Tensor, amplitudes: Tensor, max_iter: int = 30,

@@ -27,7 +27,7 @@ from torch import Tensor
 from mapstorch.maps import spd_lanes
 
 __all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
-           "pearson_chi2", "model_weights_chi2", "model_chi2_stderr"]
+           "pearson_chi2", "model_weights_chi2", "model_chi2_stderr", "deviance_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +101,111 @@ def nnls(design: Tensor, target: Tensor | None, max_iter: int = 2000, tol: float
     return x / norms, iters, done
 
 
-def poisson(design: Tensor, counts: Tensor, background: Tensor, start: Tensor, max_iter: int = 500,
-            tol: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+def deviance_rows(y: Tensor, m: Tensor, y_pos: Tensor | None = None) -> Tensor:
+    """Poisson deviance per pixel ``[P]``: ``2 sum (y log(y / m) - (y - m))``, term by term (each
+    small: accurate in float32, unlike ``sum m - sum y log m + const``). ``y_pos``: ``y`` with
+    zeros raised to the smallest normal number (``0 log 0`` is then 0 without a test)."""
+    if y_pos is None:
+        y_pos = y.clamp(min=torch.finfo(y.dtype).tiny)
+    ratio = torch.div(y_pos, m)
+    ratio.log_().mul_(y).sub_(y).add_(m)
+    return 2.0 * ratio.sum(-1)
+
+
+def poisson(design: Tensor, counts: Tensor, background: Tensor | None, start: Tensor, max_iter: int = 100,
+            tol: float = 1e-2) -> tuple[Tensor, Tensor, Tensor]:
     """Poisson maximum likelihood ``a >= 0`` for every pixel: ``(a [P, K], iterations, converged)``.
 
-    design : ``[C, K]``; counts, background : ``[P, C]``; start : ``[P, K]`` (e.g. the NNLS
-    solution; zeros are lifted a little, as EM cannot leave an exact zero). A pixel has
-    converged when no amplitude changes by more than ``tol`` relative to the largest.
+    design : ``[C, K]``; counts, background : ``[P, C]`` (background None: none); start :
+    ``[P, K]`` (e.g. the NNLS solution). Per pixel a Levenberg-Marquardt on the Poisson deviance of ``m = a D^T + b``
+    (scoring matrix ``D^T diag(1 / max(m, 1)) D``), over the amplitudes that are free: above zero,
+    or at zero with the deviance falling as they grow (the others stay at zero for that step), a
+    step's amplitudes clipped at zero, and kept only if the deviance does not rise (else the
+    damping grows). Converged when a step lowers the deviance, or the quadratic model predicts it
+    would, by less than ``tol`` (deviance units: a change of ``tol`` in chi-square). Only the
+    pixels still iterating are computed; pixels with non-finite data are not iterated.
     """
-    colsum = design.sum(0).clamp(min=torch.finfo(design.dtype).tiny)  # D^T 1
-    a = start.to(design.dtype).clamp(min=0.0)
-    floor = 1e-3 * a.amax(1, keepdim=True).clamp(min=1.0)
-    a = torch.maximum(a, floor * (colsum > 0))
-    iters = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
-    done = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
-    tiny = torch.finfo(design.dtype).tiny
+    p, k = start.shape
+    dtype, device = design.dtype, design.device
+    tiny = torch.finfo(dtype).tiny
+    y = counts.to(dtype).contiguous()
+    b = None if background is None else background.to(dtype).contiguous()
+    a = start.to(dtype).clamp(min=0.0).clone()
+    iu = torch.triu_indices(k, k, device=device)
+    pairs = design[:, iu[0]] * design[:, iu[1]]  # [C, K (K + 1) / 2]
+    plan = pair_blocks(pairs)
+    eye = torch.eye(k, dtype=dtype, device=device)
+
+    def model(aa: Tensor, bb: Tensor | None) -> Tensor:
+        return (aa @ design.T if bb is None else torch.addmm(bb, aa, design.T)).clamp_(min=tiny)
+
+    m = model(a, b)
+    y_pos = y.clamp(min=tiny)
+    dev = deviance_rows(y, m, y_pos)
+    lam = torch.full((p,), 1e-3, dtype=dtype, device=device)
+    iters = torch.zeros(p, dtype=torch.long, device=device)
+    done = torch.zeros(p, dtype=torch.bool, device=device)
+    # pixels still iterating; one with NaN or infinite data or start could never converge
+    act = torch.nonzero(torch.isfinite(dev) & torch.isfinite(a).all(1)).reshape(-1)
     for it in range(max_iter):
-        m = (a @ design.T + background).clamp(min=tiny)
-        a_new = a * ((counts / m) @ design) / colsum
-        change = (a_new - a).abs().amax(1) <= tol * a_new.amax(1).clamp(min=tiny)
-        a = torch.where(done[:, None], a, a_new)
-        iters = torch.where(done, iters, torch.full_like(iters, it + 1))
-        done = done | change
-        if it % 8 == 7 and bool(done.all()):
+        if act.numel() == 0:
             break
-    return a, iters, done
+        whole = act.numel() == p
+        aa, ma, ya, ba, deva, lama, ypa = ((t if whole or t is None else t[act]) for t in (a, m, y, b, dev, lam, y_pos))
+        upper = weighted_pairs(ya / (ma * ma), pairs, plan)
+        h = upper.new_empty(len(aa), k, k)
+        h[:, iu[0], iu[1]] = upper
+        h[:, iu[1], iu[0]] = upper
+        grad = (1.0 - ya / ma) @ design  # half the deviance's gradient
+        free = (aa > 0) | (grad < 0)  # at zero with a positive gradient: stays at zero this step
+        h = torch.where(free[:, :, None] & free[:, None, :], h, eye)
+        grad = torch.where(free, grad, torch.zeros_like(grad))
+        diag = torch.diagonal(h, dim1=1, dim2=2).clamp(min=tiny)
+        improved = torch.zeros(len(aa), dtype=torch.bool, device=device)
+        small = torch.zeros_like(improved)
+        trial = torch.arange(len(aa), device=device)  # pixels still looking for a lower deviance
+        for attempt in range(5):  # raise the damping of pixels whose step did not lower the deviance
+            mat = h[trial] + torch.diag_embed(lama[trial, None] * diag[trial] + tiny)
+            step, solved = spd_solve(mat, -grad[trial])
+            bad = ~solved
+            if bool(bad.any()):
+                step[bad] = torch.linalg.lstsq(mat[bad], -grad[trial][bad][..., None]).solution[..., 0]
+            if attempt == 0:  # the quadratic model's predicted decrease: below tol, converged
+                hs = (h[trial] @ step[..., None])[..., 0]
+                pred = -2.0 * ((grad[trial] * step).sum(1) + 0.5 * (step * hs).sum(1))
+                settled = pred <= 0.5 * tol
+                if bool(settled.any()):
+                    small[trial[settled]] = True
+                    improved[trial[settled]] = True
+                    trial, step = trial[~settled], step[~settled]
+                    if trial.numel() == 0:
+                        break
+            a_new = (aa[trial] + step).clamp(min=0.0)
+            everyone = trial.numel() == len(aa)
+            m_new = model(a_new, ba if everyone or ba is None else ba[trial])
+            dev_new = deviance_rows(ya if everyone else ya[trial], m_new, ypa if everyone else ypa[trial])
+            ok = dev_new <= deva[trial]
+            acc = trial[ok]
+            small[acc] = (deva[trial] - dev_new)[ok] <= tol
+            aa[acc], deva[acc] = a_new[ok], dev_new[ok]
+            if everyone and bool(ok.all()):
+                ma = m_new
+            else:
+                ma[acc] = m_new[ok]
+            improved[acc] = True
+            lama[trial] = torch.where(ok, lama[trial] * 0.3, lama[trial] * 10.0)
+            trial = trial[~ok]
+            if trial.numel() == 0:
+                break
+        if whole:
+            a, m, dev, lam = aa, ma, deva, lama
+        else:
+            a[act], m[act], dev[act], lam[act] = aa, ma, deva, lama
+        iters[act] = it + 1
+        stop = small | ~improved  # a small decrease, or nothing lowers the deviance any more
+        done[act[stop]] = True
+        act = act[~stop]
+    return a, iters, done & torch.isfinite(dev)
 
 
 def poisson_stderr(design: Tensor, model: Tensor | None, amplitudes: Tensor, weights: Tensor | None = None,
