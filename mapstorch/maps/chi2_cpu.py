@@ -23,12 +23,12 @@ import numpy as np
 
 from mapstorch.maps.spd_cpu import (
     _FISHER_PIXELS,
-    _LANES,
     _add_quad,
     _block_stderr,
+    _fisher_scratch,
     _packing,
     _rel,
-    _stderr_scratch,
+    _zero_columns,
     quad_table,
 )
 from mapstorch.parallel import run_chunks
@@ -85,24 +85,17 @@ def _pass_stderr(dval, dcol, dptr, a_t, bg, y, qptr, qpair, qcoef, active, where
     once to the block's Fisher information (``spd_cpu._add_quad``), then the standard errors
     (``spd_cpu._block_stderr``): the numbers of :func:`_pass` and ``spd_cpu.fisher_stderr``
     bit for bit."""
-    k = active.shape[1]
-    n_t = where.max() + 1
     n_c = y.shape[0]
     dtype = bg.dtype
     zero = dtype.type(0)
-    buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, _LANES)
-    ut = np.zeros((n_t, _LANES))
+    buf, low, inv, diag, scale, act, bad, ut, acc = _fisher_scratch(active.shape[1], where.max() + 1, dtype)
     npix = _FISHER_PIXELS
-    acc = np.empty((n_t, npix), dtype=dtype)
     wq = np.empty((4, npix), dtype=dtype)
     mrow = np.empty(npix, dtype=dtype)
     sq = np.empty(npix, dtype=np.float64)
     for b0 in range(lo, hi, npix):
         nb = min(npix, hi - b0)
-        for t in range(n_t):
-            a = acc[t]
-            for j in range(nb):
-                a[j] = zero
+        _zero_columns(acc, nb)
         for j in range(nb):
             sq[j] = 0.0
         for q in range(qptr.shape[0] - 1):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mapstorch.maps.solvers import deviance_rows as _deviance
-from mapstorch.maps.solvers import inverse_diagonal, pair_blocks, spd_solve, weighted_pairs
+from mapstorch.maps.solvers import inverse_diagonal, lm_trials, pair_blocks, weighted_pairs
 
 log = logging.getLogger(__name__)
 
@@ -353,47 +353,24 @@ def _fit_cell(e: Tensor, wq: Tensor, center: Tensor, half: Tensor, lower: Tensor
             else:
                 h[act] = ha
         grad = gradient(ua, aa, ma, ya)
-        diag = torch.diagonal(ha, dim1=1, dim2=2).clamp(min=tiny)
-        improved = torch.zeros(len(act), dtype=torch.bool, device=y.device)
-        small = torch.zeros_like(improved)
-        trial = torch.arange(len(act), device=y.device)  # pixels still looking for a lower deviance
-        for attempt in range(5):  # raise the damping of pixels whose step did not lower the deviance
-            mat = ha[trial] + torch.diag_embed(lama[trial, None] * diag[trial] + tiny)
-            step, solved = spd_solve(mat, -grad[trial])
-            bad = ~solved
-            if bool(bad.any()):
-                step[bad] = torch.linalg.lstsq(mat[bad], -grad[trial][bad][..., None]).solution[..., 0]
-            if attempt == 0 and it > 0:
-                # the quadratic model's predicted decrease of the deviance; below tol the pixel
-                # has converged, and the trial (a model evaluation) is not needed
-                hs = (ha[trial] @ step[..., None])[..., 0]
-                pred = -2.0 * ((grad[trial] * step).sum(1) + 0.5 * (step * hs).sum(1))
-                settled = pred <= 0.5 * tol
-                if bool(settled.any()):
-                    small[trial[settled]] = True
-                    improved[trial[settled]] = True
-                    keep = ~settled
-                    trial, step = trial[keep], step[keep]
-                    if trial.numel() == 0:
-                        break
+
+        def evaluate(trial: Tensor, step: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
             u_new = torch.minimum(torch.maximum(ua[trial] + step[:, :n], u_lo), u_hi)
             a_new = (aa[trial] + step[:, n:]).clamp(min=0.0)
             everyone = trial.numel() == len(act)  # the first trial: no copies of [P, C] rows
             m_new = forward(u_new, a_new, ba if everyone else ba[trial])
-            dev_new = _deviance(ya if everyone else ya[trial], m_new, ypa if everyone else ypa[trial])
-            ok = dev_new <= deva[trial]
+            return _deviance(ya if everyone else ya[trial], m_new, ypa if everyone else ypa[trial]), (u_new, a_new, m_new)
+
+        def accept(trial: Tensor, ok: Tensor, new: tuple[Tensor, Tensor, Tensor]) -> None:
+            nonlocal ma
             acc = trial[ok]
-            small[acc] = (deva[trial] - dev_new)[ok] <= tol
-            ua[acc], aa[acc], deva[acc] = u_new[ok], a_new[ok], dev_new[ok]
-            if everyone and bool(ok.all()):
-                ma = m_new
+            ua[acc], aa[acc] = new[0][ok], new[1][ok]
+            if trial.numel() == len(act) and bool(ok.all()):
+                ma = new[2]
             else:
-                ma[acc] = m_new[ok]
-            improved[acc] = True
-            lama[trial] = torch.where(ok, lama[trial] * 0.3, lama[trial] * 10.0)
-            trial = trial[~ok]
-            if trial.numel() == 0:
-                break
+                ma[acc] = new[2][ok]
+
+        improved, small = lm_trials(ha, grad, lama, deva, tol, evaluate, accept, predict=it > 0)
         if full:
             m = ma
         else:

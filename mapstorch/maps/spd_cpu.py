@@ -264,6 +264,25 @@ def _packed_stderr(upper, active, where, lo, hi, out, ok, rel):  # pragma: no co
         _stderr_lanes(ut, active, where, p0, nb, out, ok, rel, buf, low, inv, diag, scale, act, bad)
 
 
+@numba.njit(nogil=True, cache=True)
+def _fisher_scratch(k, n_t, dtype):  # pragma: no cover - compiled
+    """The work arrays of a Fisher-information pass: :func:`_stderr_scratch`'s, then the lanes'
+    packed matrices ``ut [T, _LANES]`` and the block's sums ``acc [T, _FISHER_PIXELS]``."""
+    buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, _LANES)
+    return (buf, low, inv, diag, scale, act, bad, np.zeros((n_t, _LANES)),
+            np.empty((n_t, _FISHER_PIXELS), dtype=dtype))
+
+
+@numba.njit(nogil=True, cache=True)
+def _zero_columns(acc, nb):  # pragma: no cover - compiled
+    """``acc[:, :nb] = 0``."""
+    zero = acc.dtype.type(0)
+    for t in range(acc.shape[0]):
+        a = acc[t]
+        for j in range(nb):
+            a[j] = zero
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _add_quad(acc, nb, qptr, qpair, qcoef, q, w1, w2, w3, w4):  # pragma: no cover - compiled
     """Channel quad ``q``'s share of the packed Fisher information of ``nb`` pixels:
@@ -305,20 +324,11 @@ def _fisher_stderr(w, qptr, qpair, qcoef, active, where, lo, hi, out, ok, rel): 
     channel-major weights ``w [C, P]`` a channel quad at a time (:func:`_add_quad`; channels past
     ``C`` have no products), ``_FISHER_PIXELS`` pixels together, summed in the weights' dtype.
     Each pixel's numbers depend only on its own weights: not on the block or thread it is in."""
-    k = active.shape[1]
-    n_t = where.max() + 1
     n_c = w.shape[0]
-    buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, _LANES)
-    ut = np.zeros((n_t, _LANES))
-    npix = _FISHER_PIXELS
-    acc = np.empty((n_t, npix), dtype=w.dtype)
-    zero = w.dtype.type(0)
-    for b0 in range(lo, hi, npix):
-        nb = min(npix, hi - b0)
-        for t in range(n_t):
-            a = acc[t]
-            for j in range(nb):
-                a[j] = zero
+    buf, low, inv, diag, scale, act, bad, ut, acc = _fisher_scratch(active.shape[1], where.max() + 1, w.dtype)
+    for b0 in range(lo, hi, _FISHER_PIXELS):
+        nb = min(_FISHER_PIXELS, hi - b0)
+        _zero_columns(acc, nb)
         for q in range(qptr.shape[0] - 1):
             c = 4 * q
             _add_quad(acc, nb, qptr, qpair, qcoef, q, w[min(c, n_c - 1), b0:b0 + nb],
