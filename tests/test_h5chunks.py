@@ -167,3 +167,20 @@ def test_detector_blocks_stack_without_transposing():
     pixel_major = [np.ascontiguousarray(b) for b in blocks]
     np.testing.assert_array_equal(stack_detectors(pixel_major), np.concatenate(blocks, 2))
     assert stack_detectors(blocks[:1]) is blocks[0]
+
+
+def test_read_threads_sets_this_threads_default(tmp_path, monkeypatch, decoded):
+    seen = []
+    real = h5chunks.run_chunks
+    monkeypatch.setattr(h5chunks, "run_chunks", lambda work, n, threads, name: seen.append(threads) or
+                        real(work, n, threads, name))
+    data = _values((64, 4, 5), "<f4")
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("x", data=data, chunks=(64, 1, 5), compression="gzip")
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        sel = (slice(None), slice(0, 4), slice(None))
+        with h5chunks.read_threads(1):
+            np.testing.assert_array_equal(h5chunks.read_block(f["x"], sel), data)
+            np.testing.assert_array_equal(h5chunks.read_block(f["x"], sel, n_threads=3), data)  # asked for
+        np.testing.assert_array_equal(h5chunks.read_block(f["x"], sel), data)
+    assert seen == [1, 3, h5chunks.usable_cores()]

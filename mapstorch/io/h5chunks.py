@@ -18,8 +18,10 @@ chunks under 4 KiB (their per-chunk Python work would cost more than it saves).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import threading
 import weakref
 import zlib
 
@@ -32,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - a dependency; zlib does the same, slower
     _libdeflate = None
 
-__all__ = ["read_block", "usable_cores"]
+__all__ = ["read_block", "read_threads", "usable_cores"]
 
 _DEFLATE, _SHUFFLE = 1, 2  # HDF5 filter identifiers (H5Z_FILTER_DEFLATE, H5Z_FILTER_SHUFFLE)
 _CONTIGUOUS, _CHUNKED = 1, 2  # HDF5 layouts (H5D_CONTIGUOUS, H5D_CHUNKED)
@@ -41,6 +43,21 @@ _MIN_CHUNK_BYTES = 4 << 10  # smaller chunks: h5py's read (one 1024-channel floa
 _PIECE_BYTES = 4 << 20  # a contiguous dataset's byte range is read in pieces of about this size
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dataset -> _Plan (or False: h5py's read)
+
+
+_setting = threading.local()  # this thread's default number of reading threads (read_threads)
+
+
+@contextlib.contextmanager
+def read_threads(n: int | None):
+    """Within the block, :func:`read_block` calls of this thread use ``n`` threads by default
+    (None: every usable core), e.g. 1 in a Dask task, whose workers already share the cores."""
+    old = getattr(_setting, "n", None)
+    _setting.n = n
+    try:
+        yield
+    finally:
+        _setting.n = old
 
 
 def usable_cores() -> int:
@@ -154,7 +171,7 @@ def _memory_order(shape: tuple[int, ...], chunk: tuple[int, ...]) -> tuple[int, 
 
 def read_block(dset, selection: tuple[slice, ...], n_threads: int | None = None) -> np.ndarray:
     """``dset[selection]`` (one slice per dimension) read on up to ``n_threads`` threads (default:
-    every usable core) where the module's fast path applies (see its docstring), with h5py
+    :func:`read_threads`'s setting, else every usable core) where the module's fast path applies (see its docstring), with h5py
     otherwise; the same values either way. The result may be a strided view (chunks spread
     along one axis only: that axis innermost in memory). OSError for a damaged chunk."""
     if len(selection) != dset.ndim or not all(isinstance(s, slice) for s in selection):
@@ -170,6 +187,8 @@ def read_block(dset, selection: tuple[slice, ...], n_threads: int | None = None)
     plan = _plan(dset)
     if plan is None:
         return dset[selection]
+    if n_threads is None:
+        n_threads = getattr(_setting, "n", None)
     threads = usable_cores() if n_threads is None else max(1, int(n_threads))
     if plan.offset is not None:
         return _read_contiguous(dset, plan, starts, stops, shape, threads, selection)

@@ -517,10 +517,11 @@ def _local(job: _Job, dataset: Dataset, dets: list[int], todo: Sequence[tuple[in
 
 def _remote_chunk(job: _Job, path: str, fmt: str, start: int, stop: int) -> tuple[int, int, dict]:
     """A Dask task: open the input file here, read rows ``start:stop``, fit them."""
+    from mapstorch.io.h5chunks import read_threads
     from mapstorch.io.open import open_dataset
 
     torch.set_num_threads(1)
-    with open_dataset(path, format=fmt) as ds:
+    with open_dataset(path, format=fmt) as ds, read_threads(1):  # the workers already share the cores
         block = ds.read(slice(start, stop), job.dets)
     return start, stop, job.run(block, stop - start)
 
