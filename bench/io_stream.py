@@ -9,8 +9,8 @@ its own):
 * ``mapstorch-256MB``: the same with 256 MB blocks.
 
 The synthetic file has the XRF-Maps v10 layout (``mca_arr`` float32 ``(channels, rows, cols)``,
-uncompressed, chunked one row of pixels per chunk unless ``--xrfmaps-chunks`` asks for XRF-Maps'
-own one-pixel chunks) and is about ``--size-gb`` GB. Every reader's integrated spectrum must
+uncompressed unless ``--gzip``, chunked one row of pixels per chunk unless ``--xrfmaps-chunks``
+asks for XRF-Maps' own one-pixel chunks) and is about ``--size-gb`` GB of spectra. Every reader's integrated spectrum must
 agree exactly with the others (checked), so all did the same work. The file is in the page cache
 for every reader (it was just written, and the readers alternate over ``--repeats`` rounds), so
 the figures compare the readers, not the disk.
@@ -19,7 +19,7 @@ The LAST line printed is one JSON object:
 ``{"metric": "hdf5_stream", "ours_s", "baseline_s", "speed_ratio", "ours_peak_mb",
 "baseline_peak_mb", "memory_ratio", ...}`` (ratios are baseline / ours).
 
-Usage: ``.venv/bin/python bench/io_stream.py [--size-gb 2] [--repeats 2] [--workdir DIR] [--keep]``
+Usage: ``.venv/bin/python bench/io_stream.py [--size-gb 2] [--repeats 2] [--xrfmaps-chunks] [--gzip] [--workdir DIR] [--keep]``
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ CHANNELS = 2048
 COLS = 1000
 
 
-def make_file(path: Path, size_gb: float, xrfmaps_chunks: bool) -> tuple[int, int, int]:
+def make_file(path: Path, size_gb: float, xrfmaps_chunks: bool, gzip: bool = False) -> tuple[int, int, int]:
     """A v10 file of ~size_gb GB of spectra: peaks on a smooth background, varying per pixel."""
     import h5py
     import numpy as np
@@ -54,7 +54,8 @@ def make_file(path: Path, size_gb: float, xrfmaps_chunks: bool) -> tuple[int, in
     rng = np.random.default_rng(0)
     chunks = (CHANNELS, 1, 1) if xrfmaps_chunks else (CHANNELS, 1, COLS)
     with h5py.File(path, "w") as f:
-        mca = f.create_dataset("MAPS/Spectra/mca_arr", shape=(CHANNELS, rows, COLS), dtype="f4", chunks=chunks)
+        mca = f.create_dataset("MAPS/Spectra/mca_arr", shape=(CHANNELS, rows, COLS), dtype="f4", chunks=chunks,
+                               compression="gzip" if gzip else None)
         f["MAPS/Spectra/Energy_Calibration"] = np.array([-0.004, 0.0095, 0.0], "f4")
         f["MAPS/Spectra/Elapsed_Livetime"] = np.full((rows, COLS), 0.05, "f4")
         f["MAPS/version"] = np.array([10.0], "f4")
@@ -117,10 +118,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where the synthetic file goes (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic file")
     ap.add_argument("--xrfmaps-chunks", action="store_true", help="one chunk per pixel, as XRF-Maps writes")
+    ap.add_argument("--gzip", action="store_true", help="gzip-compressed chunks, as XRF-Maps and fly scans store them")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child and args.child[0] == "make":
-        dims = make_file(Path(args.child[1]), float(args.child[2]), args.child[3] == "1")
+        dims = make_file(Path(args.child[1]), float(args.child[2]), args.child[3] == "1", args.child[4] == "1")
         print(json.dumps({"dims": dims}))
         return
     if args.child:
@@ -132,10 +134,12 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         # made in a child process too, so that no reader process inherits its memory
-        channels, rows, cols = child("make", str(path), str(args.size_gb), "1" if args.xrfmaps_chunks else "0")["dims"]
-        gb = os.path.getsize(path) / 1e9
-        print(f"file: {rows} rows x {cols} cols x {channels} channels, {gb:.2f} GB, "
-              f"written in {time.perf_counter() - t0:.1f} s", flush=True)
+        channels, rows, cols = child("make", str(path), str(args.size_gb), "1" if args.xrfmaps_chunks else "0",
+                                     "1" if args.gzip else "0")["dims"]
+        file_gb = os.path.getsize(path) / 1e9
+        gb = rows * cols * channels * 4 / 1e9  # of spectra (the rates below): the file is smaller when compressed
+        print(f"file: {rows} rows x {cols} cols x {channels} channels, {gb:.2f} GB of spectra, {file_gb:.2f} GB "
+              f"on disk, written in {time.perf_counter() - t0:.1f} s", flush=True)
         methods = ["h5py-whole", "mapstorch", "mapstorch-256MB"]
         results: dict[str, list[dict]] = {m: [] for m in methods}
         for rep in range(args.repeats):
@@ -157,8 +161,8 @@ def main() -> None:
             print(f"| {m} | {med[m]:.2f} s | {gb / med[m]:.2f} | {peak[m]:.0f} MB | {extra[m]:.0f} MB |")
         print()
         print(json.dumps({
-            "metric": "hdf5_stream", "file_gb": round(gb, 3), "rows": rows, "cols": cols, "channels": channels,
-            "xrfmaps_chunks": args.xrfmaps_chunks,
+            "metric": "hdf5_stream", "file_gb": round(file_gb, 3), "spectra_gb": round(gb, 3), "rows": rows, "cols": cols, "channels": channels,
+            "xrfmaps_chunks": args.xrfmaps_chunks, "gzip": args.gzip,
             "ours_s": med["mapstorch"], "ours_256mb_s": med["mapstorch-256MB"], "baseline_s": med["h5py-whole"],
             "speed_ratio": med["h5py-whole"] / med["mapstorch"],
             "ours_peak_mb": peak["mapstorch"], "ours_256mb_peak_mb": peak["mapstorch-256MB"],
