@@ -124,11 +124,12 @@ def _sweep_chunk(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
     """The clipping steps in order on the first ``nb`` spectra of ``v [Cw, >= nb]``, in place.
 
     Each step is ``v[c] = min(v[c], 0.5 * (v[lo] + v[hi]))``, as ``np.minimum`` (NaN when either is
-    NaN), written as two selects and a full store (a store only where the value changes became a
-    masked store, a few per cent slower). A step that reads its own channel (``lo == c`` or ``hi == c``: the window's ends, and most
-    channels of the narrow last passes) reads it once, through the row it writes: LLVM then
-    vectorises the loop without a run-time overlap check, which two views of one row would fail
-    (sending the loop to its scalar version)."""
+    NaN), written as two selects (a few per cent faster than the test it replaced; LLVM still
+    stores through a mask, only where the value changes). A step that reads its own channel
+    (``lo == c`` or ``hi == c``: the window's ends, and most channels of the narrow last passes)
+    reads it once, through the row it writes: LLVM then vectorises the loop without a run-time
+    overlap check, which two views of one row would fail (sending the loop to its scalar
+    version)."""
     for k in range(chan.shape[0]):
         c = chan[k]
         a = lo[k]
