@@ -184,3 +184,30 @@ def test_read_threads_sets_this_threads_default(tmp_path, monkeypatch, decoded):
             np.testing.assert_array_equal(h5chunks.read_block(f["x"], sel, n_threads=3), data)  # asked for
         np.testing.assert_array_equal(h5chunks.read_block(f["x"], sel), data)
     assert seen == [1, 3, h5chunks.usable_cores()]
+
+
+def test_a_rewritten_file_is_read_afresh(tmp_path, decoded):
+    # the chunk index belongs to the dataset object it was taken from, and is taken again when
+    # the file changes: a file written anew at the same path gives its own values
+    path = tmp_path / "d.h5"
+    sel = (slice(None), slice(0, 4), slice(None))
+    old = _values((64, 4, 5), "<f4", seed=1)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=old, chunks=(64, 1, 5), compression="gzip")
+    f = h5py.File(path, "r")
+    d = f["x"]
+    np.testing.assert_array_equal(h5chunks.read_block(d, sel), old)
+    f.close()
+    new = _values((64, 4, 5), "<f4", seed=2)
+    with h5py.File(path, "w") as g:
+        g.create_dataset("pad", data=np.arange(1000.0))  # the chunks now lie elsewhere in the file
+        g.create_dataset("x", data=new, chunks=(64, 2, 5), compression="gzip", shuffle=True)
+    with h5py.File(path, "r") as g:
+        d = g["x"]
+        np.testing.assert_array_equal(h5chunks.read_block(d, sel), new)
+        plan = getattr(d, h5chunks._ATTR)
+        np.testing.assert_array_equal(h5chunks.read_block(d, sel), new)
+        assert getattr(d, h5chunks._ATTR) is plan  # kept while the file stays as it was
+        plan.stamp = (0, 0)  # as if the file had changed since
+        np.testing.assert_array_equal(h5chunks.read_block(d, sel), new)
+        assert getattr(d, h5chunks._ATTR) is not plan

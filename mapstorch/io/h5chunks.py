@@ -22,7 +22,6 @@ import contextlib
 import itertools
 import os
 import threading
-import weakref
 import zlib
 
 import numpy as np
@@ -42,7 +41,7 @@ _MIN_BYTES = 1 << 20  # smaller selections: h5py's read (threads would cost more
 _MIN_CHUNK_BYTES = 4 << 10  # smaller chunks: h5py's read (one 1024-channel float32 spectrum is 4 KiB)
 _PIECE_BYTES = 4 << 20  # a contiguous dataset's byte range is read in pieces of about this size
 
-_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dataset -> _Plan (or False: h5py's read)
+_ATTR = "_mapstorch_read_plan"  # where a dataset object keeps its _Plan (False: h5py's read)
 
 
 _setting = threading.local()  # this thread's default number of reading threads (read_threads)
@@ -71,19 +70,30 @@ def usable_cores() -> int:
 class _Plan:
     """Where a dataset's values lie in its file: ``offset`` (contiguous layout), or per chunk of
     the chunk grid ``offsets``/``sizes``/``masks`` (-1 where a chunk was never written) and the
-    ``filters`` in the order they were applied."""
+    ``filters`` in the order they were applied; ``stamp``: the file's size and modification
+    time when this was taken (a file changed since is looked at again)."""
 
     def __init__(self, path: str, offset: int | None = None, filters: list[int] | None = None,
                  offsets: np.ndarray | None = None, sizes: np.ndarray | None = None, masks: np.ndarray | None = None):
         self.path, self.offset, self.filters = path, offset, filters
         self.offsets, self.sizes, self.masks = offsets, sizes, masks
+        self.stamp = _stamp(path)
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    """The file's size and modification time (ns), or None if it cannot be looked at."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _make_plan(dset) -> _Plan | None:
     """The dataset's :class:`_Plan`, or None where this module leaves the read to h5py."""
     f = dset.file
-    if f.driver != "sec2" or dset.dtype.kind not in "iuf" or dset.size == 0:
-        return None
+    if f.driver != "sec2" or dset.dtype.kind not in "iuf" or dset.size == 0 or not hasattr(os, "pread"):
+        return None  # (os.pread: not on Windows)
     path = os.fsdecode(f.filename)
     plist = dset.id.get_create_plist()
     layout = plist.get_layout()
@@ -112,14 +122,16 @@ def _make_plan(dset) -> _Plan | None:
 
 
 def _plan(dset) -> _Plan | None:
-    """:func:`_make_plan`, taken once per open dataset."""
-    try:
-        plan = _plans.get(dset)
-    except TypeError:  # not weakly referenceable
-        return _make_plan(dset)
-    if plan is None:
+    """:func:`_make_plan`, kept on the dataset object (so a plan never outlives the object it
+    was taken from; HDF5 reuses the identifiers of closed objects) and taken again if the file
+    changed since."""
+    plan = getattr(dset, _ATTR, None)
+    if plan is None or (plan is not False and plan.stamp != _stamp(plan.path)):
         plan = _make_plan(dset)
-        _plans[dset] = plan if plan is not None else False
+        try:
+            setattr(dset, _ATTR, plan if plan is not None else False)
+        except AttributeError:  # an object that takes no attributes: no cache
+            pass
     return plan or None
 
 
@@ -191,6 +203,8 @@ def read_block(dset, selection: tuple[slice, ...], n_threads: int | None = None)
         n_threads = getattr(_setting, "n", None)
     threads = usable_cores() if n_threads is None else max(1, int(n_threads))
     if plan.offset is not None:
+        if not hasattr(os, "preadv"):
+            return dset[selection]
         return _read_contiguous(dset, plan, starts, stops, shape, threads, selection)
     chunk = dset.chunks
     lo = [a // c for a, c in zip(starts, chunk)]
