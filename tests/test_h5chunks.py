@@ -6,6 +6,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from conftest import require_shared
 
 from mapstorch.io import h5chunks
 from mapstorch.io.dataset import DataFileError, Dataset, stack_detectors
@@ -211,3 +212,17 @@ def test_a_rewritten_file_is_read_afresh(tmp_path, decoded):
         plan.stamp = (0, 0)  # as if the file had changed since
         np.testing.assert_array_equal(h5chunks.read_block(d, sel), new)
         assert getattr(d, h5chunks._ATTR) is not plan
+
+
+def test_a_beamline_fly_scan_reads_as_h5py_reads_it(decoded):
+    # the APS 2-ID-E fly-scan writer's own file: int16 spectra, gzip, one row per chunk
+    path = require_shared("xrfmaps-2ide", "flyXRF.h5", "2xfm_0011_2xfm3__0.h5")
+    with h5py.File(path, "r") as f:
+        for name in ("data_a", "data_d"):
+            d = f[f"MAPS_RAW/{name}"]
+            for sel in [(slice(None), slice(0, d.shape[1]), slice(None)), (slice(None), slice(3, 7), slice(None))]:
+                got = h5chunks.read_block(d, sel, n_threads=2)
+                want = d[sel]
+                assert got.dtype == want.dtype
+                np.testing.assert_array_equal(got, want)
+    assert decoded
