@@ -40,6 +40,7 @@ _CONTIGUOUS, _CHUNKED = 1, 2  # HDF5 layouts (H5D_CONTIGUOUS, H5D_CHUNKED)
 _MIN_BYTES = 1 << 20  # smaller selections: h5py's read (threads would cost more than they save)
 _MIN_CHUNK_BYTES = 4 << 10  # smaller chunks: h5py's read (one 1024-channel float32 spectrum is 4 KiB)
 _PIECE_BYTES = 4 << 20  # a contiguous dataset's byte range is read in pieces of about this size
+_BATCH = 64  # chunks per work item at most (those stored one after another are read at once)
 
 _ATTR = "_mapstorch_read_plan"  # where a dataset object keeps its _Plan (False: h5py's read)
 
@@ -220,28 +221,53 @@ def read_block(dset, selection: tuple[slice, ...], n_threads: int | None = None)
               for g in range(g0, g1)] for n, a, b, g0, g1 in zip(chunk, starts, stops, lo, hi)]
     cells = list(itertools.product(*(range(len(p)) for p in parts)))
     order = _memory_order(shape, chunk)
-    out = np.empty(tuple(shape[i] for i in order), dtype=dset.dtype).transpose(np.argsort(order))
+    mem = np.empty(tuple(shape[i] for i in order), dtype=dset.dtype)
+    out = mem.transpose(np.argsort(order))
     dtype, filters = dset.dtype, plan.filters
     nbytes = int(np.prod(chunk)) * dtype.itemsize
+    # one spectrum per chunk, the whole spectrum selected: chunk i is row i of the memory
+    long = [i for i, c in enumerate(chunk) if c > 1]
+    rows = None
+    if len(long) == 1 and order[-1] == long[0] and starts[long[0]] == 0 and stops[long[0]] == chunk[long[0]]:
+        rows = mem.reshape(n_cells, chunk[long[0]])
+    batch = max(1, min(_BATCH, n_cells // (4 * threads)))  # enough work items for every thread
     fd = os.open(plan.path, os.O_RDONLY)
 
-    def work(items):
-        for i in items:
-            raw = _pread(fd, sizes[i], offsets[i])
-            try:
-                values = _decode(raw, filters, masks[i], dtype, chunk, nbytes)
-            except (zlib.error, getattr(_libdeflate, "DeflateError", zlib.error)) as exc:
-                origin = tuple((g + g0) * n for g, g0, n in zip(cells[i], lo, chunk))
-                raise OSError(f"chunk at {origin} cannot be inflated ({exc})") from None
-            cell = cells[i]
-            where = [p[g] for p, g in zip(parts, cell)]
-            out[tuple(w[1] for w in where)] = values[tuple(w[0] for w in where)]
+    def work(batches):
+        for k in batches:
+            i0, i1 = k * batch, min(n_cells, (k + 1) * batch)
+            for i, raw in _read_chunks(fd, offsets, sizes, i0, i1):
+                try:
+                    values = _decode(raw, filters, masks[i], dtype, chunk, nbytes)
+                except (zlib.error, getattr(_libdeflate, "DeflateError", zlib.error)) as exc:
+                    origin = tuple((g + g0) * n for g, g0, n in zip(cells[i], lo, chunk))
+                    raise OSError(f"chunk at {origin} cannot be inflated ({exc})") from None
+                if rows is not None:
+                    rows[i] = values.reshape(-1)
+                else:
+                    where = [p[g] for p, g in zip(parts, cells[i])]
+                    out[tuple(w[1] for w in where)] = values[tuple(w[0] for w in where)]
 
     try:
-        run_chunks(work, n_cells, threads, name="mapstorch-read")
+        run_chunks(work, -(-n_cells // batch), threads, name="mapstorch-read")
     finally:
         os.close(fd)
     return out
+
+
+def _read_chunks(fd: int, offsets: list[int], sizes: list[int], i0: int, i1: int):
+    """Yield ``(i, stored bytes)`` of chunks ``i0 .. i1 - 1``: chunks that lie one after another
+    in the file (as writers store them) in one read, others one by one."""
+    i = i0
+    while i < i1:
+        j = i + 1
+        while j < i1 and offsets[j] == offsets[j - 1] + sizes[j - 1]:
+            j += 1
+        span = memoryview(_pread(fd, offsets[j - 1] + sizes[j - 1] - offsets[i], offsets[i]))
+        base = offsets[i]
+        for n in range(i, j):
+            yield n, span[offsets[n] - base:offsets[n] - base + sizes[n]]
+        i = j
 
 
 def _read_contiguous(dset, plan: _Plan, starts, stops, shape, threads: int, selection) -> np.ndarray:
