@@ -612,13 +612,14 @@ def _background_start(design: torch.Tensor, shape: torch.Tensor, a: torch.Tensor
     m_el = a @ design.T  # [P, C]
     tiny = torch.finfo(m_el.dtype).tiny
     total = counts.sum(1, keepdim=True)
-    rest = (total - m_el.sum(1, keepdim=True)).clamp(min=0.0) / shape.sum().clamp(min=tiny)
+    s1, s2 = shape.sum(), shape * shape
+    rest = (total - m_el.sum(1, keepdim=True)).clamp(min=0.0) / s1.clamp(min=tiny)
     t = torch.maximum(rest, 1e-3 * total.clamp(min=1.0))  # > 0: the steps are in log t
     for _ in range(steps):
-        m = (m_el + t * shape).clamp(min=tiny)
-        ratio = counts / m
-        d1 = t * (shape * (1.0 - ratio)).sum(1, keepdim=True)  # d/d(log t)
-        d2 = d1 + t * t * (shape * shape * ratio / m).sum(1, keepdim=True)
+        m = torch.addcmul(m_el, t, shape[None, :]).clamp_(min=tiny)
+        ratio = torch.div(counts, m)
+        d1 = t * (s1 - ratio @ shape)[:, None]  # d/d(log t)
+        d2 = d1 + t * t * (ratio.div_(m) @ s2)[:, None]
         step = torch.where(d2 > 0, -d1 / d2.clamp(min=tiny), -torch.sign(d1) * 2.3)
         t = t * torch.exp(step.clamp(min=-2.3, max=2.3))
     return t[:, 0]

@@ -136,6 +136,7 @@ def poisson(design: Tensor, counts: Tensor, background: Tensor | None, start: Te
     pairs = design[:, iu[0]] * design[:, iu[1]]  # [C, K (K + 1) / 2]
     plan = pair_blocks(pairs)
     eye = torch.eye(k, dtype=dtype, device=device)
+    colsum = design.sum(0)
 
     def model(aa: Tensor, bb: Tensor | None) -> Tensor:
         return (aa @ design.T if bb is None else torch.addmm(bb, aa, design.T)).clamp_(min=tiny)
@@ -153,11 +154,12 @@ def poisson(design: Tensor, counts: Tensor, background: Tensor | None, start: Te
             break
         whole = act.numel() == p
         aa, ma, ya, ba, deva, lama, ypa = ((t if whole or t is None else t[act]) for t in (a, m, y, b, dev, lam, y_pos))
-        upper = weighted_pairs(ya / (ma * ma), pairs, plan)
+        ratio = ya / ma
+        grad = colsum - ratio @ design  # half the deviance's gradient, D^T (1 - y / m)
+        upper = weighted_pairs(ratio.div_(ma), pairs, plan)  # the curvature's weights y / m^2
         h = upper.new_empty(len(aa), k, k)
         h[:, iu[0], iu[1]] = upper
         h[:, iu[1], iu[0]] = upper
-        grad = (1.0 - ya / ma) @ design  # half the deviance's gradient
         free = (aa > 0) | (grad < 0)  # at zero with a positive gradient: stays at zero this step
         h = torch.where(free[:, :, None] & free[:, None, :], h, eye)
         grad = torch.where(free, grad, torch.zeros_like(grad))
