@@ -4,16 +4,18 @@ XRF-Maps and the APS fly-scan writers store spectra gzip-compressed (deflate), o
 row of pixels per chunk. HDF5 reads and inflates the chunks one after another on one core,
 under h5py's lock: 19 us per 2048-channel pixel with row chunks, 52 us with one-pixel chunks,
 two to five times the whole fit. Here the dataset's chunk index is taken once (``chunk_iter``),
-and a few threads each read their chunks' stored bytes from the file (``os.pread``, no lock),
-inflate them (libdeflate through the ``deflate`` package, 4.4 against zlib's 19 us per pixel
+and a few threads each read their chunks' stored bytes from the file (``os.pread``, no lock;
+chunks stored one after another in one read, up to 64 at a time), inflate them (libdeflate through the ``deflate`` package, 4.4 against zlib's 19 us per pixel
 on one core, when it imports; else ``zlib``; both release the GIL), undo the shuffle filter and
-copy their part of the selection into the result. An uncompressed contiguous dataset is read
+copy their part of the selection into the result (one-spectrum chunks, XRF-Maps' own, into a
+result whose spectra are contiguous: one copy each). An uncompressed contiguous dataset is read
 the same way, in a few byte ranges side by side.
 
 Anything else goes to h5py's own read, so the numbers are always h5py's: filters other than
 deflate and shuffle (szip, lzf, Fletcher-32, scale-offset, plugins), chunks never written,
-files not opened with HDF5's default (``sec2``) driver, selections with steps, small reads, and
-chunks under 4 KiB (their per-chunk Python work would cost more than it saves).
+files not opened with HDF5's default (``sec2``) driver, systems without ``os.pread``
+(Windows), selections with steps, small reads, and chunks under 4 KiB (their per-chunk Python
+work would cost more than it saves).
 """
 
 from __future__ import annotations
