@@ -226,3 +226,15 @@ def test_a_beamline_fly_scan_reads_as_h5py_reads_it(decoded):
                 assert got.dtype == want.dtype
                 np.testing.assert_array_equal(got, want)
     assert decoded
+
+
+def test_a_file_with_a_user_block_reads_as_h5py_reads_it(tmp_path, decoded):
+    # HDF5's addresses then start after the user block: the byte offsets read must be the file's
+    data = _values((64, 4, 5), "<f4", seed=4)
+    with h5py.File(tmp_path / "d.h5", "w", userblock_size=512) as f:
+        f.create_dataset("gz", data=data, chunks=(64, 1, 5), compression="gzip")
+        f.create_dataset("flat", data=data)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        for name in ("gz", "flat"):
+            np.testing.assert_array_equal(h5chunks.read_block(f[name], (slice(None), slice(0, 4), slice(None))), data)
+    assert decoded
