@@ -69,7 +69,8 @@ def test_round_trip_through_v10(tmp_path):
     assert np.allclose(both.x_axis, ds.x_axis) and np.allclose(both.y_axis, ds.y_axis)
     summed = read_xrfmaps_h5(out[0])
     assert np.allclose(summed.read()[:, :, 0], ds.read().sum(2))
-    assert np.allclose(summed.live_time[..., 0], ds.live_time.sum(-1), rtol=1e-6)  # summed like XRF-Maps
+    # XRF-Maps' average file: spectra summed, times averaged (HDF5_IO::generate_avg)
+    assert np.allclose(summed.live_time[..., 0], ds.live_time.mean(-1), rtol=1e-6)
     assert summed.scaler("US_IC").shape == (5, 4) and np.allclose(summed.scaler("SR_current"), 102.0)
     with h5py.File(out[0], "r") as f:
         assert np.allclose(f["MAPS/Spectra/Integrated_Spectra/Spectra"][()], ds.read().sum((0, 1, 2)))

@@ -37,8 +37,9 @@ def add_map_parser(sub, data_options) -> None:
     p.add_argument("--params", help="an override file with the shape parameters to use (e.g. from `mapstorch fit "
                    "--out-override`); default: --override / the one beside the data")
     p.add_argument("--elements", help="components to fit (default: the override file's ELEMENTS_TO_FIT)")
-    p.add_argument("--detector", default="sum", help="'sum' (default), a detector index, or 'each' (the sum in "
-                   "OUT, each detector element in OUT0, OUT1, ... as XRF-Maps writes them)")
+    p.add_argument("--detector", default="sum", help="'sum' (default: the fit of the summed spectra), a detector "
+                   "index, or 'each' (every element in OUT0, OUT1, ... and their average in OUT, as XRF-Maps "
+                   "writes them)")
     p.add_argument("--out", help="output .h5 (default: <file stem>_maps.h5 in the current folder)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -65,6 +66,7 @@ def run_map(args: argparse.Namespace) -> int:
     from mapstorch.io.open import open_dataset, override_beside
     from mapstorch.io.override import read_override
     from mapstorch.maps import STATUS_CODES, fit_map
+    from mapstorch.maps.average import average_maps
     from mapstorch.maps.fit import _ChunkStore
 
     out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.file).name.split('.')[0]}_maps.h5"
@@ -141,7 +143,7 @@ def run_map(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
         each = str(args.detector).lower() == "each"
-        targets = ["sum", *range(ds.detectors)] if each else [args.detector]
+        targets = list(range(ds.detectors)) if each else [args.detector]
         runs = []
         try:
             for det in targets:
@@ -163,13 +165,14 @@ def run_map(args: argparse.Namespace) -> int:
                 client.close()
             if cluster is not None:
                 cluster.close()
-        result = runs[0]
+        # each element: OUT holds XRF-Maps' average of the elements' maps (its --generate-avg-h5)
+        result = average_maps(runs) if each else runs[0]
         # one detector's maps go with that detector's spectra and times (as XRF-Maps' <scan>.h5<N>)
         single = not each and str(args.detector) != "sum"
         source = ds.select([int(args.detector)]) if single else ds
         used = det_params if single and per_file is not None else override
         written = write_xrfmaps_h5(out, source, override=used, results=result.xrfmaps_results(), per_detector=each,
-                                   detector_results=[r.xrfmaps_results() for r in runs[1:]] if each else None)
+                                   detector_results=[r.xrfmaps_results() for r in runs] if each else None)
         lines.append(f"data        {ds.path}: {ds.rows} x {ds.cols} pixels, detector {args.detector}, "
                      f"{ds.channels} channels")
     if each:
@@ -188,7 +191,8 @@ def run_map(args: argparse.Namespace) -> int:
     for i, name in enumerate(result.names):
         c, e = result.counts[i], result.counts_stderr[i]
         with np.errstate(invalid="ignore", divide="ignore"):
-            rel = np.nanmedian(np.where(c > 0, e / c, np.nan)) if np.any(c > 0) else float("nan")
+            ratio = np.where(c > 0, e / c, np.nan)
+        rel = float(np.nanmedian(ratio)) if np.isfinite(ratio).any() else float("nan")
         lines.append(f"{name:<12} {float(np.mean(c)):12.5g} {float(np.nanmedian(result.counts_per_sec[i])):12.5g} "
                      f"{rel:21.3g}")
     for i, name in enumerate(result.parameter_names):

@@ -13,7 +13,8 @@ Layouts (see ``../shared/docs/formats/*.txt`` for complete dumps of real files):
   element, and ``livetime``/``realtime``/``inputcounts``/``ouputcounts`` (sic)
   ``(detectors, rows, cols)``; scalers and positions are in the scan's MDA file.
 
-One XRF-Maps file holds one detector element (``.h50``..``.h53``) or their sum (``.h5``);
+One XRF-Maps file holds one detector element (``.h50``..``.h53``) or all of them (``.h5``: the
+elements' spectra summed, their times and count rates averaged, their maps averaged);
 :func:`read_xrfmaps_h5_detectors` stacks per-element files. Spectra are read a block of rows at
 a time. :func:`write_xrfmaps_h5` streams a :class:`~mapstorch.io.dataset.Dataset` into the v10
 layout, each file through a temporary name and an atomic rename.
@@ -613,8 +614,8 @@ def _write_file(h5, ds: Dataset, detector: int | None, override, results, compre
                       ("Input_Counts", ds.input_counts), ("Output_Counts", ds.output_counts)):
         if arr is None:
             v = np.zeros((rows, cols), np.float32)
-        else:  # the summed file holds the sum over detectors, as XRF-Maps' summed spectra do
-            v = (arr.sum(-1) if detector is None else arr[..., detector]).astype(np.float32)
+        else:  # the summed file: the detectors' mean, as XRF-Maps' average file (its spectra are summed)
+            v = (arr.mean(-1) if detector is None else arr[..., detector]).astype(np.float32)
         per_pixel[name] = v
         _ds(spec, name, v, chunks=(rows, 1), **comp)
     integ = spec.create_group("Integrated_Spectra")
@@ -705,7 +706,8 @@ def write_xrfmaps_h5(
 ) -> list[Path]:
     """Write ``dataset`` in the XRF-Maps version-10 layout; returns the files written.
 
-    path : the summed file (all detectors added, live times summed as XRF-Maps does).
+    path : the summed file, as XRF-Maps' average file ``<scan>.h5``: the detectors' spectra
+        added, their live and real times and count rates averaged.
     per_detector : also write ``<path>0``, ``<path>1``, ... one per detector element.
     override : an :class:`~mapstorch.io.override.OverrideFile`; its calibration is written as the
         energy calibration and its parameters under ``/MAPS/Fit_Parameters_Override``.

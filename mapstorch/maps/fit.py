@@ -106,6 +106,9 @@ class MapResult:
     channels: int = 0
     fitted_integrated: np.ndarray | None = None
     background_integrated: np.ndarray | None = None
+    #: XRF-Maps' results of an average of detector elements (:func:`~mapstorch.maps.average.average_maps`),
+    #: averaged channel by channel as XRF-Maps does; None for a fit
+    xrfmaps: dict | None = field(default=None, repr=False)
 
     def element(self, name: str) -> np.ndarray:
         return self.counts[self.names.index(name)]
@@ -126,8 +129,11 @@ class MapResult:
         and background summed over the pixels (zero outside the fit window). Maps of our own
         beside them, on the same channel axis (NaN where they do not apply): ``Counts`` (every
         count of a component inside the window), ``Counts_Stderr``, ``Counts_Per_Sec_Stderr``;
-        and ``Reduced_Chi2``, ``Iterations``, ``Status``, ``Parameter_<NAME>[_Stderr]``.
+        and ``Reduced_Chi2``, ``Iterations``, ``Status``, ``Parameter_<NAME>[_Stderr]``. For an
+        average of detector elements: the elements' own, averaged as XRF-Maps averages them.
         """
+        if self.xrfmaps is not None:
+            return self.xrfmaps
         from mapstorch.physics.elements import parse_component
 
         idx = {n: i for i, n in enumerate(self.names)}

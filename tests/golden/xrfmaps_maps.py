@@ -1,0 +1,70 @@
+"""Write ``xrfmaps/nnls_2xfm_0010.json.gz`` from XRF-Maps' own output for the 2-ID-E scan.
+
+Usage::
+
+    python tests/golden/xrfmaps_maps.py IMG_DAT_FOLDER XRF_MAPS_COMMIT
+
+``IMG_DAT_FOLDER`` holds ``2xfm_0010.mda.h5`` and ``.h50`` .. ``.h53`` written by XRF-Maps
+(``xrf_maps --dir <copy of ../shared/data/xrfmaps-2ide> --files 2xfm_0010.mda --fit nnls
+--detectors 0,1,2,3 --generate-avg-h5``, see ``README.md``). Kept: each file's NNLS
+``Channel_Names``, ``Channel_Units`` and ``Counts_Per_Sec`` (as float32 values), and the live
+times XRF-Maps divided by (``/MAPS/Spectra/Elapsed_Livetime``). No spectra are kept.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+SCAN = "2xfm_0010.mda"
+DETECTORS = ("0", "1", "2", "3")
+
+
+def _strings(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _values(array) -> dict:
+    """float32 values, each written as its shortest decimal that reads back to the same float32."""
+    a = np.asarray(array, np.float32)
+    return {"shape": list(a.shape), "values": [float(str(v)) for v in a.ravel()]}
+
+
+def read(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        group = f["MAPS/XRF_Analyzed/NNLS"]
+        return {
+            "channel_names": _strings(group["Channel_Names"][()]),
+            "units": _strings(group["Channel_Units"][()]),
+            "counts_per_sec": _values(group["Counts_Per_Sec"][()]),
+            "live_time": _values(f["MAPS/Spectra/Elapsed_Livetime"][()]),
+        }
+
+
+def main(folder: str, commit: str) -> None:
+    folder = Path(folder)
+    files = {d: read(folder / f"{SCAN}.h5{d}") for d in DETECTORS}
+    average = read(folder / f"{SCAN}.h5")
+    # XRF-Maps' average file is the plain mean of the elements' maps: check before keeping it
+    def array(entry: dict) -> np.ndarray:
+        return np.asarray(entry["values"], np.float64).reshape(entry["shape"])
+
+    mean = np.mean([array(files[d]["counts_per_sec"]) for d in DETECTORS], axis=0)
+    if not np.allclose(array(average["counts_per_sec"]), mean, rtol=1e-5, atol=1e-6):
+        raise SystemExit(f"{folder}: {SCAN}.h5 is not the mean of the detectors' maps")
+    out = Path(__file__).resolve().parent / "xrfmaps" / "nnls_2xfm_0010.json.gz"
+    payload = {"xrfmaps_commit": commit, "scan": SCAN, "routine": "NNLS", "detectors": files, "average": average}
+    with gzip.open(out, "wt") as fh:
+        json.dump(payload, fh, separators=(",", ":"))
+    print(f"wrote {out} ({out.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], sys.argv[2])
