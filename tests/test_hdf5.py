@@ -46,10 +46,11 @@ def test_flyscan_with_mda_scalers():
     assert ds.shape == (11, 9, 4, 2048)
     with h5py.File(h5, "r") as f:
         raw = [f[f"MAPS_RAW/data_{c}"][()].astype(np.float64) for c in "abcd"]
-        live = f["MAPS_RAW/livetime"][()]
+        real, icr, ocr = (f[f"MAPS_RAW/{k}"][()].astype(np.float64) for k in ("realtime", "inputcounts", "ouputcounts"))
     assert np.array_equal(ds.total_counts(), [r.sum() for r in raw])
     assert ds.integrated("sum").sum() == sum(r.sum() for r in raw)
-    assert np.allclose(ds.live_time, np.transpose(live, (1, 2, 0)))
+    # XRF-Maps' live time: real x OCR / ICR (the file's livetime column is not used)
+    assert np.allclose(ds.live_time, np.transpose(real * ocr / icr, (1, 2, 0)))
     assert ds.scalers and all(v.shape == (11, 9) for v in ds.scalers.values())
     assert any("11 x 11" in n for n in ds.notes)
     # lazy: a block of rows equals the same rows of the raw arrays

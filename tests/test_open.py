@@ -50,11 +50,52 @@ def test_every_shared_data_file_opens(parts, fmt, shape, tmp_path):
         assert np.allclose(ds.total_counts(), integ.sum(1))
 
 
-def test_the_mda_of_a_fly_scan_is_refused_with_advice():
+def test_the_mda_of_a_fly_scan_opens_its_spectra_as_xrfmaps_finds_them():
+    """``<dir>/mda/<scan>.mda`` of a fly scan holds scalers only; like XRF-Maps we take the
+    spectra from ``<dir>/flyXRF.h5/<scan>_..._0.h5`` and the scalers from the MDA file."""
     path = require_shared("xrfmaps-2ide", "mda", "2xfm_0011.mda")
     assert detect_format(path) == "mda"
-    with pytest.raises(DataFileError, match="open the fly scan's HDF5 file instead"):
-        open_dataset(path)
+    with open_dataset(path) as ds, open_dataset(require_shared(*FLY)) as fly:
+        assert ds.format == "flyscan-hdf5" and ds.shape == fly.shape == (11, 9, 4, 2048)
+        assert np.array_equal(ds.read(), fly.read()) and np.array_equal(ds.live_time, fly.live_time)
+        assert ds.scalers and set(ds.scalers) == set(fly.scalers)
+        assert any("holds no spectra" in n and "flyXRF.h5" in n for n in ds.notes)
+
+
+def test_the_mda_of_a_fly_scan_without_its_spectra(tmp_path):
+    """No fly-scan file where XRF-Maps looks: the error says where we looked; two candidate
+    files: the error names them."""
+    mda = tmp_path / "mda" / "2xfm_0011.mda"
+    mda.parent.mkdir()
+    shutil.copyfile(require_shared("xrfmaps-2ide", "mda", "2xfm_0011.mda"), mda)
+    with pytest.raises(DataFileError, match=r"holds no spectra.*no fly-scan file .*flyXRF\.h5"):
+        open_dataset(mda)
+    fly = tmp_path / "flyXRF.h5"
+    fly.mkdir()
+    for name in ("2xfm_0011_2xfm3__0.h5", "2xfm_0011_other__0.h5", "2xfm_0012_2xfm3__0.h5"):
+        shutil.copyfile(require_shared(*FLY), fly / name)
+    with pytest.raises(DataFileError, match="2 fly-scan files of this scan"):
+        open_dataset(mda)
+    (fly / "2xfm_0011_other__0.h5").unlink()
+    with open_dataset(mda) as ds:
+        assert ds.shape == (11, 9, 4, 2048) and ds.path.endswith("2xfm_0011_2xfm3__0.h5")
+
+
+def test_live_time_is_xrfmaps_real_time_times_ocr_over_icr():
+    """Spectra::recalc_elapsed_livetime: real x OCR / ICR, the real time where a rate is 0;
+    the fly scan's own livetime column is not used (it differs by up to 1.6 % here)."""
+    from mapstorch.io.dataset import xrfmaps_live_time
+
+    got = xrfmaps_live_time(np.array([1.0, 2.0, 3.0, 4.0]), np.array([100.0, 0.0, 50.0, 80.0]),
+                            np.array([80.0, 10.0, 0.0, 80.0]))
+    assert got.tolist() == [0.8, 2.0, 3.0, 4.0]
+    import h5py
+
+    with open_dataset(require_shared(*FLY)) as ds, h5py.File(require_shared(*FLY), "r") as f:
+        raw = {k: np.transpose(f[f"MAPS_RAW/{k}"][()].astype(np.float64), (1, 2, 0)) for k in ("livetime", "realtime", "inputcounts",
+                                                                            "ouputcounts")}
+    np.testing.assert_allclose(ds.live_time, raw["realtime"] * raw["ouputcounts"] / raw["inputcounts"], rtol=1e-12)
+    assert not np.allclose(ds.live_time, raw["livetime"], rtol=1e-3)
 
 
 def test_override_beside_the_data(tmp_path):

@@ -122,9 +122,11 @@ def _golden_array(entry):
     return np.asarray(entry["values"], np.float64).reshape(entry["shape"])
 
 
-@pytest.fixture(scope="module")
-def xrfmaps_2xfm_0010_maps(tmp_path_factory):
-    """``mapstorch map 2xfm_0010.mda --detector each`` with XRF-Maps' line tables: our files."""
+@pytest.fixture(scope="module", params=["2xfm_0010", "2xfm_0011"])
+def xrfmaps_2ide_maps(request, tmp_path_factory):
+    """``mapstorch map <scan>.mda --detector each`` with XRF-Maps' line tables: our files.
+    ``2xfm_0010`` is a step scan (spectra in the MDA file), ``2xfm_0011`` a fly scan (the MDA
+    file holds the scalers; the spectra are found in ``flyXRF.h5/``, as XRF-Maps finds them)."""
     import h5py
     from conftest import require_shared
 
@@ -132,8 +134,9 @@ def xrfmaps_2xfm_0010_maps(tmp_path_factory):
 
     folder = require_shared("xrfmaps-2ide")
     ref = require_shared("xrfmaps-reference")
-    out = tmp_path_factory.mktemp("nnls") / "2xfm_0010.mda.h5"
-    assert main(["map", str(folder / "mda" / "2xfm_0010.mda"), "--out", str(out), "--detector", "each",
+    scan = request.param
+    out = tmp_path_factory.mktemp("nnls") / f"{scan}.mda.h5"
+    assert main(["map", str(folder / "mda" / f"{scan}.mda"), "--out", str(out), "--detector", "each",
                  "--library", str(ref / "xrf_library.csv"), "--henke", str(ref / "henke.xdr"), "--no-progress"]) == 0
     maps = {}
     for suffix in ("", "0", "1", "2", "3"):
@@ -142,24 +145,32 @@ def xrfmaps_2xfm_0010_maps(tmp_path_factory):
             maps[suffix] = {"names": [n.decode() for n in group["Channel_Names"][()]],
                             "cps": group["Counts_Per_Sec"][()].astype(np.float64),
                             "live": f["MAPS/Spectra/Elapsed_Livetime"][()].astype(np.float64)}
-    return maps
+    return scan, maps
 
 
 MAJOR = ("Ar", "Ca", "Fe", "Cu", "COMPTON_AMPLITUDE", "Total_Fluorescence_Yield")
 
 
 @pytest.mark.parametrize("suffix", ["0", "1", "2", "3", ""])
-def test_nnls_maps_of_2xfm_0010_equal_xrfmaps(suffix, xrfmaps_2xfm_0010_maps):
-    """XRF-Maps' own NNLS maps of the 2-ID-E scan, each detector element (``.h50`` .. ``.h53``)
-    and their average (``.h5``): the same counts/s in every pixel, to the convergence of the two
-    NNLS solvers. Fit_Residual and Num_Iter are the solvers' own; Sum_Elastic_Inelastic we divide
-    by the live time (XRF-Maps does not): see docs/maps.md."""
-    golden = load("nnls_2xfm_0010.json.gz")
+def test_nnls_maps_of_2ide_scans_equal_xrfmaps(suffix, xrfmaps_2ide_maps):
+    """XRF-Maps' own NNLS maps of two 2-ID-E scans, each detector element (``.h50`` .. ``.h53``)
+    and their average (``.h5``): the same live times and the same counts/s in every pixel, to
+    the convergence of the two NNLS solvers. Fit_Residual and Num_Iter are the solvers' own;
+    Sum_Elastic_Inelastic we divide by the live time (XRF-Maps does not): see docs/maps.md. For
+    the fly scan XRF-Maps sizes its maps from the MDA file (11 x 11) and fills the 9 columns the
+    fly scan recorded: its last two columns are left out."""
+    scan, ours_all = xrfmaps_2ide_maps
+    golden = load(f"nnls_{scan}.json.gz")
+    ours = ours_all[suffix]
+    rows, cols = ours["live"].shape
+
+    def crop(entry):
+        return _golden_array(entry)[..., :rows, :cols]
+
     theirs = golden["average"] if suffix == "" else golden["detectors"][suffix]
-    ours = xrfmaps_2xfm_0010_maps[suffix]
-    live = _golden_array(theirs["live_time"])
+    live = crop(theirs["live_time"])
     np.testing.assert_allclose(ours["live"], live, rtol=1e-6)  # realtime x OCR / ICR, as XRF-Maps
-    cps = _golden_array(theirs["counts_per_sec"])
+    cps = crop(theirs["counts_per_sec"])
     compared = majors = 0
     for i, name in enumerate(theirs["channel_names"]):
         if name in ("Fit_Residual", "Num_Iter"):
@@ -168,7 +179,7 @@ def test_nnls_maps_of_2xfm_0010_equal_xrfmaps(suffix, xrfmaps_2xfm_0010_maps):
         want = cps[i] if name != "Sum_Elastic_Inelastic" else cps[i] / (live if suffix else 1.0)
         if name == "Sum_Elastic_Inelastic" and not suffix:  # the mean of each element's sum / live time
             parts = [golden["detectors"][d] for d in "0123"]
-            want = np.mean([_golden_array(p["counts_per_sec"])[i] / _golden_array(p["live_time"]) for p in parts], 0)
+            want = np.mean([crop(p["counts_per_sec"])[i] / crop(p["live_time"]) for p in parts], 0)
         scale = np.abs(want).max()
         err = np.abs(got - want)
         assert err.max() <= 0.02 * scale + 1e-3, (name, err.max(), scale)  # the worst pixel

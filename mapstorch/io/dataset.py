@@ -21,7 +21,7 @@ import numpy as np
 from mapstorch.errors import InputError
 
 __all__ = ["Dataset", "SCALER_ROLES", "DataFileError", "check_counts", "calibration_spread", "aligned_sum",
-           "stack_detectors"]
+           "stack_detectors", "xrfmaps_live_time"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,15 @@ def stack_detectors(blocks: Sequence[np.ndarray]) -> np.ndarray:
                 out[i] = b[:, :, 0].transpose(2, 0, 1)
             return out.transpose(2, 3, 0, 1)
     return np.concatenate(blocks, 2)
+
+
+def xrfmaps_live_time(real: np.ndarray, icr: np.ndarray, ocr: np.ndarray) -> np.ndarray:
+    """The live time XRF-Maps divides by: ``real x OCR / ICR``, or the real time where either
+    count rate is zero (``Spectra::recalc_elapsed_livetime``, applied to MDA scans and raw fly
+    scans alike, whatever live time the file records). Arrays of one shape, float64."""
+    real, icr, ocr = (np.asarray(a, dtype=np.float64) for a in (real, icr, ocr))
+    ok = (icr != 0) & (ocr != 0)
+    return np.where(ok, real * ocr / np.where(ok, icr, 1.0), real)
 
 
 def calibration_spread(calibration, channels: int) -> float:

@@ -34,7 +34,7 @@ import numpy as np
 
 from mapstorch.errors import MapstorchError
 from mapstorch.io.atomic import check_target, temporary_beside
-from mapstorch.io.dataset import DataFileError, Dataset, check_counts, stack_detectors
+from mapstorch.io.dataset import DataFileError, Dataset, check_counts, stack_detectors, xrfmaps_live_time
 from mapstorch.io.h5chunks import read_block as read_selection
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "read_xrfmaps_results",
     "read_flyscan",
     "flyscan_mda_path",
+    "flyscan_h5_path",
     "write_xrfmaps_h5",
     "is_hdf5",
 ]
@@ -400,6 +401,36 @@ def flyscan_mda_path(h5_path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+#: Where XRF-Maps looks for a fly scan's spectra, relative to the data set folder (the parent of
+#: ``mda/``), and the end of their names; XRF-Maps' netCDF fly scans (``_0.nc``) are not read here
+FLYSCAN_FOLDERS = (("flyXRF.h5", "_0.h5"), ("flyXRF", "_0.h5"), ("flyXRF", "_0.hdf5"))
+
+
+def flyscan_h5_path(mda_path: str | os.PathLike[str]) -> tuple[Path | None, list[Path]]:
+    """The raw fly-scan HDF5 file of a fly scan's MDA file, as XRF-Maps finds it:
+    ``<dir>/mda/<scan>.mda`` -> ``<dir>/flyXRF.h5/<scan>_<...>_0.h5`` (also ``flyXRF/``, and the
+    MDA file's own folder). Returns ``(path or None, the folders searched)``; more than one
+    candidate in the first folder that has any is an error (the name says which to open)."""
+    p = Path(mda_path)
+    scan = p.name[:-4] if p.name.lower().endswith(".mda") else p.stem
+    searched: list[Path] = []
+    for base in (p.parent.parent, p.parent):
+        for folder, ending in FLYSCAN_FOLDERS:
+            where = base / folder
+            if where not in searched:
+                searched.append(where)
+            if not where.is_dir():
+                continue
+            found = sorted(c for c in where.iterdir()
+                           if c.name.startswith(f"{scan}_") and c.name.endswith(ending) and c.is_file())
+            if len(found) > 1:
+                raise DataFileError(f"{p}: holds no spectra, and {where} has {len(found)} fly-scan files of this "
+                                    f"scan ({', '.join(c.name for c in found)}): open the one to fit")
+            if found:
+                return found[0], searched
+    return None, searched
+
+
 def read_flyscan(h5_path: str | os.PathLike[str], scalers=None,
                  calibration: Sequence[float] | None = None) -> Dataset:
     """A raw fly scan (``/MAPS_RAW``) as a Dataset; ``scalers`` from the scan's MDA file.
@@ -449,9 +480,10 @@ def _flyscan_dataset(f, scalers, calibration) -> Dataset:
     icr, ocr = per_pixel("inputcounts"), per_pixel("ouputcounts")
     if ocr is None:
         ocr = per_pixel("outputcounts")
-    if (live is None or not np.any(live > 0)) and real is not None and icr is not None and ocr is not None:
-        live = np.where((icr > 0) & (ocr > 0), real * ocr / np.where(icr > 0, icr, 1.0), real)
-        notes.append("live time computed as real time x OCR / ICR")
+    if real is not None and icr is not None and ocr is not None:
+        # as XRF-Maps (Spectra::recalc_elapsed_livetime): real x OCR / ICR, not the file's livetime
+        live = xrfmaps_live_time(real, icr, ocr)
+        notes.append("live time computed as real time x OCR / ICR (as XRF-Maps)")
 
     def read_block(start: int, stop: int, detectors: Sequence[int]) -> np.ndarray:
         try:

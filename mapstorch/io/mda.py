@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mapstorch.io.dataset import DataFileError, Dataset, check_counts
+from mapstorch.io.dataset import DataFileError, Dataset, check_counts, xrfmaps_live_time
 from mapstorch.io.files import read_bytes
 from mapstorch.io.scalers import scaler_labels
 
@@ -46,6 +46,7 @@ __all__ = [
     "MdaScan",
     "MdaFile",
     "MdaScalers",
+    "MdaWithoutSpectra",
     "read_mda",
     "read_mda_dataset",
     "read_mda_scalers",
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 
 _PV_STRING, _PV_INT16, _PV_FLOAT, _PV_INT8, _PV_INT32, _PV_DOUBLE = 0, 29, 30, 32, 33, 34
 _MAX_STRING = 1 << 20  # no name, unit or string PV in an MDA file is anywhere near 1 MB
+
+
+class MdaWithoutSpectra(DataFileError):
+    """An MDA scan without spectra: a fly scan's, whose spectra are in a separate HDF5 file."""
 
 
 class _Short(Exception):
@@ -473,7 +478,7 @@ def read_mda_dataset(path: str | os.PathLike[str], roles: dict[str, str] | None 
     mda = read_mda(path)
     scan = mda.scan
     if scan is None or not _has_mca_dimension(scan):
-        raise DataFileError(
+        raise MdaWithoutSpectra(
             f"{mda.path}: this rank-{mda.rank} MDA scan holds no spectra (no innermost MCA dimension; a map with "
             "spectra is rank 3, a line of spectra rank 2, one spectrum rank 1). A fly scan's MDA file holds only "
             "scalers: open the fly scan's HDF5 file instead"
@@ -542,8 +547,7 @@ def read_mda_dataset(path: str | os.PathLike[str], roles: dict[str, str] | None 
     if rt is not None and icr is not None and ocr is not None:
         # as XRF-Maps: with real time and both count rates, live = real x OCR / ICR; the real
         # time where either rate is zero (Spectra::recalc_elapsed_livetime)
-        ok = (icr > 0) & (ocr > 0)
-        lt = np.where(ok, rt * ocr / np.where(ok, icr, 1.0), rt)
+        lt = xrfmaps_live_time(rt, icr, ocr)
         provenance["live_time"] = "real time x OCR / ICR (as XRF-Maps)"
     elif lt is not None:
         provenance["live_time"] = "ELTM"

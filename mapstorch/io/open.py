@@ -142,6 +142,19 @@ def open_dataset(
     return ds
 
 
+def _open_flyscan(h5: Path, mda: Path | None, roles: dict[str, str] | None,
+                  cal: tuple[float, float, float] | None) -> Dataset:
+    """A raw fly scan's spectra (``h5``) with the scalers and positions of its MDA file."""
+    from mapstorch.io.hdf5 import read_flyscan
+    from mapstorch.io.mda import read_mda_scalers
+
+    scalers = read_mda_scalers(mda, roles=roles) if mda is not None else None
+    ds = read_flyscan(h5, scalers=scalers, calibration=cal)
+    if mda is None:
+        ds.notes.append("no matching MDA file found next to the fly scan: no scalers or positions")
+    return ds
+
+
 def _open(p: Path, fmt: str, ov: OverrideFile | None, channel_axis: int | None,
           calibration: tuple[float, float, float] | None) -> Dataset:
     roles = dict(ov.scaler_pvs) if ov is not None else None
@@ -154,19 +167,23 @@ def _open(p: Path, fmt: str, ov: OverrideFile | None, channel_axis: int | None,
 
         return read_xrfmaps_h5(p)
     if fmt == "flyscan-hdf5":
-        from mapstorch.io.hdf5 import flyscan_mda_path, read_flyscan
-        from mapstorch.io.mda import read_mda_scalers
+        from mapstorch.io.hdf5 import flyscan_mda_path
 
-        mda = flyscan_mda_path(p)
-        scalers = read_mda_scalers(mda, roles=roles) if mda is not None else None
-        ds = read_flyscan(p, scalers=scalers, calibration=cal)
-        if mda is None:
-            ds.notes.append("no matching MDA file found next to the fly scan: no scalers or positions")
-        return ds
+        return _open_flyscan(p, flyscan_mda_path(p), roles, cal)
     if fmt == "mda":
-        from mapstorch.io.mda import read_mda_dataset
+        from mapstorch.io.hdf5 import flyscan_h5_path
+        from mapstorch.io.mda import MdaWithoutSpectra, read_mda_dataset
 
-        return read_mda_dataset(p, roles=roles)
+        try:
+            return read_mda_dataset(p, roles=roles)
+        except MdaWithoutSpectra as exc:  # a fly scan: its spectra where XRF-Maps finds them
+            h5, searched = flyscan_h5_path(p)
+            if h5 is None:
+                raise DataFileError(f"{exc}; no fly-scan file <scan>_..._0.h5 was found in "
+                                    f"{', '.join(str(s) for s in searched)}") from None
+            ds = _open_flyscan(h5, p, roles, cal)
+            ds.notes.append(f"{p.name} holds no spectra: they come from the fly scan's file {h5} (as XRF-Maps finds it)")
+            return ds
     if fmt == "gse-mca":
         from mapstorch.io.mca import read_gse_mca
 

@@ -1,12 +1,14 @@
-"""Write ``xrfmaps/nnls_2xfm_0010.json.gz`` from XRF-Maps' own output for the 2-ID-E scan.
+"""Write ``xrfmaps/nnls_<scan>.json.gz`` from XRF-Maps' own output for the 2-ID-E scans.
 
 Usage::
 
-    python tests/golden/xrfmaps_maps.py IMG_DAT_FOLDER XRF_MAPS_COMMIT
+    python tests/golden/xrfmaps_maps.py IMG_DAT_FOLDER XRF_MAPS_COMMIT [SCAN ...]
 
-``IMG_DAT_FOLDER`` holds ``2xfm_0010.mda.h5`` and ``.h50`` .. ``.h53`` written by XRF-Maps
-(``xrf_maps --dir <copy of ../shared/data/xrfmaps-2ide> --files 2xfm_0010.mda --fit nnls
---detectors 0,1,2,3 --generate-avg-h5``, see ``README.md``). Kept: each file's NNLS
+``IMG_DAT_FOLDER`` holds ``<scan>.mda.h5`` and ``.h50`` .. ``.h53`` written by XRF-Maps
+(``xrf_maps --dir <copy of ../shared/data/xrfmaps-2ide> --files <scan>.mda --fit nnls
+--detectors 0,1,2,3 --generate-avg-h5``, see ``README.md``); scans default to ``2xfm_0010``
+(a step scan, spectra in the MDA file) and ``2xfm_0011`` (a fly scan, spectra in
+``flyXRF.h5/``). Kept: each file's NNLS
 ``Channel_Names``, ``Channel_Units`` and ``Counts_Per_Sec`` (as float32 values), and the live
 times XRF-Maps divided by (``/MAPS/Spectra/Elapsed_Livetime``). No spectra are kept.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-SCAN = "2xfm_0010.mda"
+SCANS = ("2xfm_0010", "2xfm_0011")
 DETECTORS = ("0", "1", "2", "3")
 
 
@@ -46,25 +48,27 @@ def read(path: Path) -> dict:
         }
 
 
-def main(folder: str, commit: str) -> None:
-    folder = Path(folder)
-    files = {d: read(folder / f"{SCAN}.h5{d}") for d in DETECTORS}
-    average = read(folder / f"{SCAN}.h5")
+def write(folder: Path, commit: str, scan: str) -> None:
+    name = f"{scan}.mda"
+    files = {d: read(folder / f"{name}.h5{d}") for d in DETECTORS}
+    average = read(folder / f"{name}.h5")
+
     # XRF-Maps' average file is the plain mean of the elements' maps: check before keeping it
     def array(entry: dict) -> np.ndarray:
         return np.asarray(entry["values"], np.float64).reshape(entry["shape"])
 
     mean = np.mean([array(files[d]["counts_per_sec"]) for d in DETECTORS], axis=0)
     if not np.allclose(array(average["counts_per_sec"]), mean, rtol=1e-5, atol=1e-6):
-        raise SystemExit(f"{folder}: {SCAN}.h5 is not the mean of the detectors' maps")
-    out = Path(__file__).resolve().parent / "xrfmaps" / "nnls_2xfm_0010.json.gz"
-    payload = {"xrfmaps_commit": commit, "scan": SCAN, "routine": "NNLS", "detectors": files, "average": average}
-    with gzip.open(out, "wt") as fh:
-        json.dump(payload, fh, separators=(",", ":"))
+        raise SystemExit(f"{folder}: {name}.h5 is not the mean of the detectors' maps")
+    out = Path(__file__).resolve().parent / "xrfmaps" / f"nnls_{scan}.json.gz"
+    payload = {"xrfmaps_commit": commit, "scan": name, "routine": "NNLS", "detectors": files, "average": average}
+    with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as packed:
+        packed.write(json.dumps(payload, separators=(",", ":")).encode())  # the same bytes every time
     print(f"wrote {out} ({out.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    for scan in sys.argv[3:] or SCANS:
+        write(Path(sys.argv[1]), sys.argv[2], scan)
