@@ -238,3 +238,45 @@ def test_a_file_with_a_user_block_reads_as_h5py_reads_it(tmp_path, decoded):
         for name in ("gz", "flat"):
             np.testing.assert_array_equal(h5chunks.read_block(f[name], (slice(None), slice(0, 4), slice(None))), data)
     assert decoded
+
+
+@pytest.mark.parametrize("cols,k", [(7, 3), (8, 8), (5, 5), (9, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_spectra_written_as_deflated_chunks_read_back_through_hdf5(tmp_path, monkeypatch, cols, k, threads):
+    """Chunks deflated here (libdeflate, on threads) and stored as they are: HDF5's own reader
+    gets the spectra back, edge chunks included; HDF5 was not asked to compress anything."""
+    spectra = _values((6, cols, 40), np.float32, seed=cols)
+    path = tmp_path / "w.h5"
+    direct = []
+    real = h5chunks._direct_writable
+    monkeypatch.setattr(h5chunks, "_direct_writable", lambda d, c: direct.append(real(d, c)) or real(d, c))
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("mca", shape=(40, 6, cols), dtype=np.float32, chunks=(40, 1, k), compression="gzip")
+        h5chunks.write_spectra_rows(d, 0, spectra[:4], n_threads=threads)
+        h5chunks.write_spectra_rows(d, 4, spectra[4:], n_threads=threads)
+    assert direct == [True, True]
+    with h5py.File(path, "r") as f:
+        d = f["mca"]
+        assert d.compression == "gzip" and d.chunks == (40, 1, k)
+        np.testing.assert_array_equal(d[()], np.transpose(spectra, (2, 0, 1)))
+        assert d.id.get_storage_size() < spectra.nbytes  # compressed
+
+
+@pytest.mark.parametrize("options", [{}, {"compression": "gzip", "shuffle": True}, {"compression": "lzf"}])
+def test_spectra_written_by_h5py_where_the_chunks_are_not_ours(tmp_path, options):
+    spectra = _values((3, 5, 16), np.float32)
+    with h5py.File(tmp_path / "o.h5", "w") as f:
+        d = f.create_dataset("mca", shape=(16, 3, 5), dtype=np.float32, chunks=(16, 1, 5), **options)
+        assert not h5chunks._direct_writable(d, 16)
+        h5chunks.write_spectra_rows(d, 0, spectra)
+        np.testing.assert_array_equal(d[()], np.transpose(spectra, (2, 0, 1)))
+
+
+def test_written_mca_chunks_fit_hdf5s_chunk_cache():
+    """XRF-Maps reads a file pixel by pixel: a chunk larger than HDF5's 1 MiB chunk cache would
+    be inflated again for each pixel (70 s instead of 0.6 s for 16,384 pixels of ours)."""
+    from mapstorch.io.hdf5 import MCA_CHUNK_BYTES, mca_chunks
+
+    assert mca_chunks(2048, 256) == (2048, 1, 64) and mca_chunks(2048, 10) == (2048, 1, 10)
+    assert mca_chunks(4096, 1000) == (4096, 1, 32) and mca_chunks(300000, 5) == (300000, 1, 1)
+    assert MCA_CHUNK_BYTES <= 1 << 19

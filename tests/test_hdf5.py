@@ -161,11 +161,32 @@ def _max_channels_as_xrfmaps(spectra: np.ndarray, k: int) -> np.ndarray:
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 40), st.integers(0, 6), st.integers(0, 2**31 - 1))
 def test_max_channel_sums_match_xrfmaps_loop(n, c, high, seed):
-    from mapstorch.io.hdf5 import max_channel_sums
+    """The compiled pass (both sums at once, on threads) and the NumPy fallback against
+    XRF-Maps' loop, with many ties."""
+    from mapstorch.io.max_channels import max_channel_sums, max_channel_sums_numpy
 
     spectra = np.random.default_rng(seed).integers(0, high + 1, (n, c)).astype(np.float32)  # many ties
     for k in (1, 10):
-        assert np.array_equal(max_channel_sums(spectra, k), _max_channels_as_xrfmaps(spectra, k))
+        assert np.array_equal(max_channel_sums_numpy(spectra, k), _max_channels_as_xrfmaps(spectra, k))
+    one, ten = max_channel_sums(spectra, 10, n_threads=2)
+    assert np.array_equal(one, _max_channels_as_xrfmaps(spectra, 1))
+    assert np.array_equal(ten, _max_channels_as_xrfmaps(spectra, 10))
+
+
+def test_max_channel_sums_of_many_spectra_on_threads():
+    """Spectra shared out to threads in tasks of 2048: the same sums as one pass, as NumPy's."""
+    from mapstorch.io.max_channels import max_channel_sums, max_channel_sums_numpy
+
+    spectra = np.random.default_rng(3).poisson(2.0, (5000, 64)).astype(np.float32)
+    one, ten = max_channel_sums(spectra, 10, n_threads=2)
+    assert np.array_equal(one, max_channel_sums_numpy(spectra, 1))
+    assert np.array_equal(ten, max_channel_sums_numpy(spectra, 10))
+    assert one.sum() == spectra.max(1).sum()
+    # channel-major storage (the transpose of [C, rows, cols], as XRF-Maps files hold spectra)
+    cm = np.ascontiguousarray(spectra.reshape(50, 100, 64).transpose(2, 0, 1)).transpose(1, 2, 0)
+    assert not cm.flags.c_contiguous
+    one_cm, ten_cm = max_channel_sums(cm, 10, n_threads=2)
+    assert np.array_equal(one_cm, one) and np.array_equal(ten_cm, ten)
 
 
 def test_written_max_channel_spectra(tmp_path):

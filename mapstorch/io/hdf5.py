@@ -36,6 +36,8 @@ from mapstorch.errors import MapstorchError
 from mapstorch.io.atomic import check_target, temporary_beside
 from mapstorch.io.dataset import DataFileError, Dataset, check_counts, stack_detectors, xrfmaps_live_time
 from mapstorch.io.h5chunks import read_block as read_selection
+from mapstorch.io.h5chunks import usable_cores, write_spectra_rows
+from mapstorch.io.max_channels import max_channel_sums as top_channel_sums
 
 __all__ = [
     "read_xrfmaps_h5",
@@ -565,33 +567,6 @@ def _scaler_table(ds: Dataset, detector: int | None) -> tuple[list[str], list[st
     return names, units, stack
 
 
-def max_channel_sums(spectra: np.ndarray, k: int, piece: int = 4096) -> np.ndarray:
-    """Sum over spectra of each spectrum's ``k`` largest channels, left at their channels.
-
-    spectra : (N, C). Returns (C,) float64. This is XRF-Maps' ``Max_Channels_Integrated_Spectra``
-    (k=1) and ``Max_10_Channels_Integrated_Spectra`` (k=10): channels are taken largest first,
-    the lowest channel first among equal values. Works ``piece`` spectra at a time.
-    """
-    n, c = spectra.shape
-    out = np.zeros(c, dtype=np.float64)
-    if n == 0 or c == 0:
-        return out
-    k = min(k, c)
-    for s0 in range(0, n, piece):
-        x = np.asarray(spectra[s0 : s0 + piece], dtype=np.float64)
-        if k == 1:  # argmax takes the lowest channel among equal maxima
-            idx = np.argmax(x, axis=1)
-            out += np.bincount(idx, weights=x[np.arange(len(x)), idx], minlength=c)
-            continue
-        kth = -np.partition(-x, k - 1, axis=1)[:, k - 1 : k]  # (n, 1) k-th largest value
-        above = x > kth
-        tied = x == kth
-        need = k - above.sum(1, keepdims=True)  # how many tied channels are taken, lowest first
-        take = above | (tied & (np.cumsum(tied, axis=1) <= need))
-        out += np.where(take, x, 0.0).sum(0)
-    return out
-
-
 def _pv_text(value) -> str:
     if isinstance(value, np.ndarray):
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value.tolist())
@@ -625,6 +600,18 @@ def _amplifier(override, side: str) -> tuple[float, str, list[float]] | None:
     return number, units[int(unit_code)], [float(int(num_code)), float(int(unit_code)), number]
 
 
+#: The most bytes of spectra in one chunk of ``mca_arr`` we write: half of HDF5's default chunk
+#: cache (1 MiB), so that a reader going pixel by pixel along a row, as XRF-Maps does, inflates
+#: each chunk once (a chunk larger than the cache is inflated again for every pixel)
+MCA_CHUNK_BYTES = 1 << 19
+
+
+def mca_chunks(channels: int, cols: int) -> tuple[int, int, int]:
+    """The chunk shape of a written ``mca_arr (channels, rows, cols)``: whole spectra, one row,
+    as many columns as fit in :data:`MCA_CHUNK_BYTES` (64 of 2048 float32 channels)."""
+    return channels, 1, max(1, min(cols, MCA_CHUNK_BYTES // (4 * max(channels, 1))))
+
+
 def _write_file(h5, ds: Dataset, detector: int | None, override, results, compression) -> dict:
     """Create every dataset of one output file; returns the datasets spectra are streamed into."""
     comp = {"compression": compression} if compression else {}
@@ -632,7 +619,7 @@ def _write_file(h5, ds: Dataset, detector: int | None, override, results, compre
     maps = h5.create_group("MAPS")
     spec = maps.create_group("Spectra")
     mca = spec.create_dataset("mca_arr", shape=(chans, rows, cols), dtype=np.float32,
-                              chunks=(chans, 1, cols), **comp)
+                              chunks=mca_chunks(chans, cols), **comp)
     d0 = 0 if detector is None else detector
     cal = ds.calibration[d0]
     if override is not None and "ENERGY_SLOPE" in override.parameters:
@@ -790,12 +777,12 @@ def write_xrfmaps_h5(
         for rows, block in dataset.iter_rows(chunk_rows):
             for i, sink in enumerate(sinks):
                 part = block.sum(2) if i == 0 else block[:, :, i - 1]
-                sink["mca"][:, rows, :] = np.transpose(part, (2, 0, 1))
+                write_spectra_rows(sink["mca"], rows.start, part)
                 totals[i] += part.sum(axis=(0, 1), dtype=np.float64)
-                flat = part.reshape(-1, dataset.channels)
-                top1[i] += max_channel_sums(flat, 1)
-                top10[i] += max_channel_sums(flat, 10)
-                del part, flat
+                one, ten = top_channel_sums(part, 10, n_threads=usable_cores())
+                top1[i] += one
+                top10[i] += ten
+                del part
             del block  # one block in memory at a time
         for i, sink in enumerate(sinks):
             _ds(sink["integrated"], "Spectra", totals[i].astype(np.float32))
