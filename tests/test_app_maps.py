@@ -109,7 +109,7 @@ def test_results_file_of_the_cli_reads_back(cli_results, demo_nnls, demo_scan, t
         raw["extra"])
     assert "Fitted_Integrated_Spectra" not in raw["extra"]  # integrated spectra are not maps
     source = mapping.inspect_file(cli_results)
-    assert source.routines == ["NNLS"] and source.has_spectra and mapping.has_results(cli_results)
+    assert source.routines == ["NNLS", "ROI"] and source.has_spectra and mapping.has_results(cli_results)  # fits first
     maps = mapping.read_maps(source)
     ours, _ = demo_nnls
     assert maps.names == ours.names and maps.method == "nnls"

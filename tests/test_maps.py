@@ -1008,3 +1008,60 @@ def test_average_maps_aligns_components_by_name_and_refuses_mixtures():
         average_maps([a, _fake_result(("Ca",), 3, shape=(2, 2))])
     with pytest.raises(InputError, match="at least one"):
         average_maps([])
+
+
+def test_roi_windows_follow_xrfmaps_rules():
+    """XRF-Maps' ROI_Fit_Routine: half width int(sqrt(150^2 + (12 E)^2)) / 2000 keV times the
+    element's WIDTH_MULTIPLIER around Ka1 / La1 / the pile-up's Ka1 + Ka1, rounded half away from
+    zero; a window past the end stops at the last channel but one."""
+    from mapstorch.maps.roi import _round_half_away, roi_half_width, roi_sums, roi_windows
+    from mapstorch.physics.lines import build_line_table
+
+    assert roi_half_width(6.4039) == 168 / 2000 and roi_half_width(6.4039, 1.5) == pytest.approx(0.126)
+    assert [_round_half_away(v) for v in (2.5, 3.5, -2.5, 0.49)] == [3, 4, -3, 0]
+    table = build_line_table(["Fe", "Ba_L", "Au_M", "Si_Cl", "Zn"])
+    ka1 = float(table.lines_of("Fe")["energy_kev"][0])
+    (fe, ba, au, sicl, zn) = roi_windows(table, ["Fe", "Ba_L", "Au_M", "Si_Cl", "Zn"], 0.0, 0.01, 2048,
+                                         {"Zn": 2.0})
+    w = roi_half_width(ka1)
+    assert fe == (round((ka1 - w) / 0.01), round((ka1 + w) / 0.01))
+    la1 = float(table.lines_of("Ba_L")["energy_kev"][0])
+    assert abs((ba[0] + ba[1]) / 2 * 0.01 - la1) < 0.011
+    ma1 = float(table.lines_of("Au_M")["energy_kev"][0])  # ours centred on Ma1 (XRF-Maps: on 0 keV)
+    assert abs((au[0] + au[1]) / 2 * 0.01 - ma1) < 0.011
+    si_cl = float(table.lines_of("Si_Cl")["energy_kev"][0])
+    assert abs((sicl[0] + sicl[1]) / 2 * 0.01 - si_cl) < 0.011 and si_cl > 4.3
+    zn_ka1 = float(table.lines_of("Zn")["energy_kev"][0])
+    assert zn[1] - zn[0] == pytest.approx(2 * 2 * roi_half_width(zn_ka1) / 0.01, abs=1.01)
+    assert roi_windows(table, ["Zn"], 0.0, 0.01, 700) == [(698 - 1, 698)]  # past the end
+    # sums: pixel- and channel-major storage alike
+    spectra = np.random.default_rng(0).poisson(3.0, (50, 700)).astype(np.float32)
+    cm = np.ascontiguousarray(spectra.T).T
+    windows = [(10, 20), (0, 0), (697, 698)]
+    expected = np.stack([spectra[:, a:b + 1].sum(1) for a, b in windows])
+    assert np.array_equal(roi_sums(spectra, windows), expected) and np.array_equal(roi_sums(cm, windows), expected)
+
+
+@pytest.mark.parametrize("method", ["nnls", "poisson"])
+def test_every_method_writes_xrfmaps_roi_maps(tmp_path, method):
+    """The ROI group comes with every method: raw counts in each window over the live time."""
+    from mapstorch.maps.roi import roi_sums
+
+    sim = simulate_map(4, 6, seed=3)
+    ds = Dataset(path="<sim>", format="npy", rows=4, cols=6, detectors=1, channels=sim.counts.shape[-1],
+                 calibration=np.array([[float(sim.params[n]) for n in ("ENERGY_OFFSET", "ENERGY_SLOPE",
+                                                                      "ENERGY_QUADRATIC")]]),
+                 spectra=sim.counts.astype(np.float32)[:, :, None, :], live_time=np.full((4, 6, 1), 0.5))
+    r = fit_map(ds, sim.params, method=method)
+    assert r.roi_names == tuple(n for n in r.names if n not in ("Elastic", "Compton"))
+    res = r.xrfmaps_results()["ROI"]
+    assert res["integrated"] is False and res["channel_names"] == r.xrfmaps_results()[r.routine_name()]["channel_names"]
+    i = res["channel_names"].index("Fe")
+    from mapstorch.maps.roi import roi_windows
+    from mapstorch.physics.lines import build_line_table
+
+    table = build_line_table(list(r.roi_names))
+    (win,) = roi_windows(table, ["Fe"], float(sim.params["ENERGY_OFFSET"]), float(sim.params["ENERGY_SLOPE"]),
+                         ds.channels)
+    want = roi_sums(sim.counts.reshape(-1, ds.channels).astype(np.float32), [win])[0].reshape(4, 6) / 0.5
+    np.testing.assert_allclose(res["counts_per_sec"][i], want, rtol=1e-6)

@@ -60,7 +60,8 @@ class Source:
 
     @property
     def routines(self) -> list[str]:
-        return list(self.results)
+        """The file's routines, fits first (XRF-Maps' ROI and SVD maps last)."""
+        return sorted(self.results, key=lambda r: r.upper() in ("ROI", "SVD"))
 
     def facts(self) -> list[tuple[str, str]]:
         """``(label, value)`` rows for a summary table."""

@@ -12,7 +12,8 @@ chunk is done, and the partial folder is removed then.
 The output holds the data in the XRF-Maps version-10 layout and
 ``/MAPS/XRF_Analyzed/<NNLS|Poisson>/Counts_Per_Sec`` with ``Channel_Names``, plus our own maps
 beside them: ``Counts``, ``Counts_Stderr``, ``Counts_Per_Sec_Stderr``, ``Reduced_Chi2``,
-``Iterations``, ``Status``. ``--png DIR`` writes a grid of the maps with colour bars.
+``Iterations``, ``Status``; and XRF-Maps' ``ROI`` maps. ``--png DIR`` writes a grid of the maps
+with colour bars.
 """
 
 from __future__ import annotations

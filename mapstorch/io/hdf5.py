@@ -701,7 +701,7 @@ def _write_results(maps, routine: str, res: Mapping[str, object], rows: int, col
     _ds(g, "Channel_Names", _fixed(names, 256))
     _ds(g, "Channel_Units", _fixed(list(res.get("units", ["cts/s"] * len(names))), 256))  # type: ignore[arg-type]
     _ds(g, "Counts_Per_Sec", cps, **comp)
-    for key in ("Fitted_Integrated_Spectra", "FIT_Integrated_Background"):
+    for key in ("Fitted_Integrated_Spectra", "FIT_Integrated_Background") if res.get("integrated", True) else ():
         v = res.get(key)
         _ds(g, key, np.zeros(chans, np.float32) if v is None else np.asarray(v, dtype=np.float32))
     for key, v in dict(res.get("extra") or {}).items():  # type: ignore[call-overload]
@@ -735,7 +735,8 @@ def write_xrfmaps_h5(
         list) fall back to ``override``.
     results : ``{routine: {"channel_names", "counts_per_sec" (N, rows, cols), "units",
         "Fitted_Integrated_Spectra", "FIT_Integrated_Background", "extra": {name: (..., rows, cols)}}}``
-        for ``/MAPS/XRF_Analyzed`` (``extra`` maps are written under their own names).
+        for ``/MAPS/XRF_Analyzed`` (``extra`` maps are written under their own names; with
+        ``"integrated": False`` no integrated spectra, as XRF-Maps' ROI group).
     chunk_rows : rows read and written at a time (default: about 16 MB of spectra).
     detector_results : with ``per_detector``, one ``results`` (or None) per detector file.
 

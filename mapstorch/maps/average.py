@@ -75,9 +75,15 @@ def _union(lists: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _average_xrfmaps(per_element: Sequence[dict]) -> dict:
-    """XRF-Maps' average of ``MapResult.xrfmaps_results()`` dictionaries (one routine each)."""
-    routine = next(iter(per_element[0]))
-    groups = [r[routine] for r in per_element]
+    """XRF-Maps' average of ``MapResult.xrfmaps_results()`` dictionaries, routine by routine."""
+    out = {}
+    for routine in _union([list(r) for r in per_element]):
+        out.update(_average_routine(routine, [r[routine] for r in per_element if routine in r]))
+    return out
+
+
+def _average_routine(routine: str, groups: Sequence[dict]) -> dict:
+    """XRF-Maps' average of one routine's results of each element."""
     names = _union([g["channel_names"] for g in groups])
     shape = np.shape(groups[0]["counts_per_sec"])[1:]
     units = {}
@@ -87,7 +93,9 @@ def _average_xrfmaps(per_element: Sequence[dict]) -> dict:
     parts = [(g["channel_names"], np.asarray(g["counts_per_sec"])) for g in groups]
     cps = _stack_named(parts, names, "mean", shape)
 
-    def summed(key: str) -> np.ndarray:
+    def summed(key: str) -> np.ndarray | None:
+        if any(g.get(key) is None for g in groups):
+            return None
         arrays = [np.asarray(g[key], dtype=np.float64) for g in groups]
         out = np.zeros(max(a.shape[0] for a in arrays))
         for a in arrays:
@@ -95,15 +103,16 @@ def _average_xrfmaps(per_element: Sequence[dict]) -> dict:
         return out.astype(np.float32)
 
     extra = {}
-    for key in _union([list(g["extra"]) for g in groups]):
-        have = [(g["channel_names"], np.asarray(g["extra"][key])) for g in groups if key in g["extra"]]
+    for key in _union([list(g.get("extra") or {}) for g in groups]):
+        have = [(g["channel_names"], np.asarray(g["extra"][key])) for g in groups if key in (g.get("extra") or {})]
         if have[0][1].ndim == len(shape) + 1:  # on the channel axis
             extra[key] = _stack_named(have, names, _extra_kind(key), shape)
         else:
             extra[key] = _combine([v for _, v in have], _extra_kind(key))
     return {routine: {"channel_names": names, "units": [units[n] for n in names], "counts_per_sec": cps,
                       "Fitted_Integrated_Spectra": summed("Fitted_Integrated_Spectra"),
-                      "FIT_Integrated_Background": summed("FIT_Integrated_Background"), "extra": extra}}
+                      "FIT_Integrated_Background": summed("FIT_Integrated_Background"), "extra": extra,
+                      "integrated": all(g.get("integrated", True) for g in groups)}}
 
 
 def average_maps(results: Sequence[MapResult]) -> MapResult:
@@ -165,6 +174,10 @@ def average_maps(results: Sequence[MapResult]) -> MapResult:
         parameter_names=par_names if same_pars else (),
         parameters=pixels("parameters", "mean") if same_pars else None,
         parameters_stderr=pixels("parameters_stderr", "stderr") if same_pars else None,
+        roi_names=tuple(_union([r.roi_names for r in results])),
+        roi_counts=_stack_named([(r.roi_names, r.roi_counts) for r in results if r.roi_counts is not None],
+                                _union([r.roi_names for r in results]), "mean", shape)
+        if any(r.roi_counts is not None for r in results) else None,
         total_counts=pixels("total_counts", "sum"),
         live_time=pixels("live_time", "mean"),
         window=(0, max(r.channels for r in results) - 1),
@@ -173,7 +186,7 @@ def average_maps(results: Sequence[MapResult]) -> MapResult:
         background_integrated=None,
         xrfmaps=_average_xrfmaps([r.xrfmaps_results() for r in results]),
     )
-    group = next(iter(average.xrfmaps.values()))
+    group = average.xrfmaps[first.routine_name()]
     average.fitted_integrated = group["Fitted_Integrated_Spectra"]
     average.background_integrated = group["FIT_Integrated_Background"]
     if par_names and not same_pars:

@@ -40,6 +40,7 @@ from mapstorch.errors import InputError
 from mapstorch.io.dataset import Dataset, calibration_spread
 from mapstorch.maps import solvers
 from mapstorch.maps.expansion import DesignExpansion, refit
+from mapstorch.maps.roi import roi_sums, roi_windows
 from mapstorch.physics.model import SpectrumModel, fit_window
 from mapstorch.physics.snip import snip_window
 
@@ -106,6 +107,10 @@ class MapResult:
     channels: int = 0
     fitted_integrated: np.ndarray | None = None
     background_integrated: np.ndarray | None = None
+    #: XRF-Maps' ROI maps: each component's raw counts in a window around its main line
+    #: (:mod:`mapstorch.maps.roi`), ``[len(roi_names), rows, cols]``
+    roi_names: tuple[str, ...] = ()
+    roi_counts: np.ndarray | None = None
     #: XRF-Maps' results of an average of detector elements (:func:`~mapstorch.maps.average.average_maps`),
     #: averaged channel by channel as XRF-Maps does; None for a fit
     xrfmaps: dict | None = field(default=None, repr=False)
@@ -129,8 +134,9 @@ class MapResult:
         and background summed over the pixels (zero outside the fit window). Maps of our own
         beside them, on the same channel axis (NaN where they do not apply): ``Counts`` (every
         count of a component inside the window), ``Counts_Stderr``, ``Counts_Per_Sec_Stderr``;
-        and ``Reduced_Chi2``, ``Iterations``, ``Status``, ``Parameter_<NAME>[_Stderr]``. For an
-        average of detector elements: the elements' own, averaged as XRF-Maps averages them.
+        and ``Reduced_Chi2``, ``Iterations``, ``Status``, ``Parameter_<NAME>[_Stderr]``. Also
+        XRF-Maps' ``ROI`` group (:mod:`mapstorch.maps.roi`). For an average of detector elements:
+        the elements' own, averaged as XRF-Maps averages them.
         """
         if self.xrfmaps is not None:
             return self.xrfmaps
@@ -191,7 +197,7 @@ class MapResult:
             extra.update({f"Parameter_{n}": self.parameters[i] for i, n in enumerate(self.parameter_names)})
             extra.update({f"Parameter_{n}_Stderr": self.parameters_stderr[i]
                           for i, n in enumerate(self.parameter_names)})
-        return {self.routine_name(): {
+        out = {self.routine_name(): {
             "channel_names": [c[0] for c in channels],
             "units": [c[3] for c in channels],
             "counts_per_sec": np.stack([c[1] for c in channels]).astype(np.float32),
@@ -199,6 +205,17 @@ class MapResult:
             "FIT_Integrated_Background": full(self.background_integrated),
             "extra": extra,
         }}
+        if self.roi_counts is not None and self.roi_names:
+            # XRF-Maps' ROI group: the same channels, the windows' counts per second, the total
+            # yield, zeros where a fit quantity has no ROI meaning (as XRF-Maps writes them)
+            zero = np.zeros(shape, np.float32)
+            roi_index = {n: i for i, n in enumerate(self.roi_names)}
+            values = {n: self.roi_counts[roi_index[n]] * per_sec for n in comps if n in roi_index}
+            values["Total_Fluorescence_Yield"] = total * per_sec
+            out["ROI"] = {"channel_names": [c[0] for c in channels], "units": [c[3] for c in channels],
+                          "counts_per_sec": np.stack([values.get(c[0], zero) for c in channels]).astype(np.float32),
+                          "integrated": False}
+        return out
 
 
 def _settings_key(settings: Mapping[str, object]) -> str:
@@ -309,7 +326,11 @@ def fit_map(
         # the sum of the detectors is divided by the sum of their live times (XRF-Maps' fit of
         # summed spectra): counts/s on one detector's scale, comparable to each detector's map
         live = dataset.live_time[..., dets].sum(-1) if detector == "sum" else dataset.live_time[..., dets[0]]
+    # XRF-Maps' ROI maps come with every method (raw counts in a window around each main line)
+    roi_names = tuple(n for n in names if n not in ("Elastic", "Compton"))
+    roi = tuple(roi_windows(table, roi_names, off, slope, dataset.channels, getattr(params, "width_multipliers", None)))
     settings = {"method": method, "detector": str(detector), "names": list(names), "window": [window.first, window.last],
+                "roi": [list(w) for w in roi],
                 "parameter_maps": list(free_names), "solver": "expansion" if method == "nonlinear" else method,
                 "theta": [round(float(v), 12) for v in theta.double().tolist()], "dtype": str(dtype),
                 "max_iter": max_iter, "input": _file_identity(dataset.path), "rows": rows, "cols": cols,
@@ -324,6 +345,7 @@ def fit_map(
     amps = np.zeros((n_comp, rows, cols), np.float32)
     amps_err = np.full((n_comp, rows, cols), np.nan, np.float32)
     total = np.zeros((rows, cols), np.float32)
+    roi_counts = np.zeros((len(roi), rows, cols), np.float32)
     integrated = {"integrated_fit": np.zeros(window.last - window.first + 1),
                   "integrated_background": np.zeros(window.last - window.first + 1)}
     rchi2 = np.full((rows, cols), np.nan, np.float32)
@@ -338,6 +360,8 @@ def fit_map(
         amps[:, start:stop] = part["amplitudes"]
         amps_err[:, start:stop] = part["amplitudes_stderr"]
         total[start:stop] = part["total_counts"]
+        if roi:
+            roi_counts[:, start:stop] = part["roi"]
         for key in integrated:
             integrated[key] += part[key]
         rchi2[start:stop] = part["rchi2"]
@@ -359,7 +383,7 @@ def fit_map(
         place(start, stop, part)
         done_pixels += (stop - start) * cols
     job = _Job(design, per_unit, (off, slope, quad, width), (window.first, window.last), method, max_iter, nl,
-               dets, cols, dataset.channels, device, dtype)
+               dets, cols, dataset.channels, device, dtype, roi=roi)
     ts = time.perf_counter()
     if dask is None:
         results = _local(job, dataset, dets, todo)
@@ -397,7 +421,8 @@ def fit_map(
                      pars if n_par else None, pars_err if n_par else None, amps, amps_err, total,
                      None if live is None else live.astype(np.float32), (window.first, window.last),
                      dataset.channels, integrated["integrated_fit"].astype(np.float32),
-                     integrated["integrated_background"].astype(np.float32))
+                     integrated["integrated_background"].astype(np.float32), roi_names=roi_names,
+                     roi_counts=roi_counts)
 
 
 @dataclass
@@ -417,6 +442,7 @@ class _Job:
     device: torch.device
     dtype: torch.dtype
     rows_that_fit: int | None = None  # set once the device ran out of memory on a whole chunk
+    roi: tuple[tuple[int, int], ...] = ()  # XRF-Maps' ROI windows, (first, last) channel
 
     def run_in_parts(self, block: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
         """:meth:`run`, split into parts of rows where the device runs out of memory: the rows
@@ -455,6 +481,8 @@ class _Job:
         y = torch.from_numpy(flat).to(self.device).to(self.dtype)
         part = _fit_chunk(y, self.design, self.per_unit, self.cal, FitWindow(*self.window), self.method,
                           self.max_iter, self.nl)
+        if self.roi:
+            part["roi"] = roi_sums(flat, self.roi)
         return {k: v if k.startswith("integrated_") else  # sums over the chunk's pixels, [window channels]
                 v.reshape((v.shape[0], n_rows, self.cols) if v.ndim == 2 else (n_rows, self.cols))
                 for k, v in part.items()}

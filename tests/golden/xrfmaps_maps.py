@@ -5,12 +5,13 @@ Usage::
     python tests/golden/xrfmaps_maps.py IMG_DAT_FOLDER XRF_MAPS_COMMIT [SCAN ...]
 
 ``IMG_DAT_FOLDER`` holds ``<scan>.mda.h5`` and ``.h50`` .. ``.h53`` written by XRF-Maps
-(``xrf_maps --dir <copy of ../shared/data/xrfmaps-2ide> --files <scan>.mda --fit nnls
+(``xrf_maps --dir <copy of ../shared/data/xrfmaps-2ide> --files <scan>.mda --fit roi,nnls
 --detectors 0,1,2,3 --generate-avg-h5``, see ``README.md``); scans default to ``2xfm_0010``
 (a step scan, spectra in the MDA file) and ``2xfm_0011`` (a fly scan, spectra in
 ``flyXRF.h5/``). Kept: each file's NNLS
-``Channel_Names``, ``Channel_Units`` and ``Counts_Per_Sec`` (as float32 values), and the live
-times XRF-Maps divided by (``/MAPS/Spectra/Elapsed_Livetime``). No spectra are kept.
+``Channel_Names``, ``Channel_Units`` and ``Counts_Per_Sec`` (as float32 values), the ROI group's
+``Channel_Names`` and ``Counts_Per_Sec`` where there is one, and the live times XRF-Maps divided
+by (``/MAPS/Spectra/Elapsed_Livetime``). No spectra are kept.
 """
 
 from __future__ import annotations
@@ -40,12 +41,17 @@ def _values(array) -> dict:
 def read(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         group = f["MAPS/XRF_Analyzed/NNLS"]
-        return {
+        out = {
             "channel_names": _strings(group["Channel_Names"][()]),
             "units": _strings(group["Channel_Units"][()]),
             "counts_per_sec": _values(group["Counts_Per_Sec"][()]),
             "live_time": _values(f["MAPS/Spectra/Elapsed_Livetime"][()]),
         }
+        if "MAPS/XRF_Analyzed/ROI" in f:  # XRF-Maps' ROI routine (--fit roi,nnls)
+            roi = f["MAPS/XRF_Analyzed/ROI"]
+            out["roi"] = {"channel_names": _strings(roi["Channel_Names"][()]),
+                          "counts_per_sec": _values(roi["Counts_Per_Sec"][()])}
+        return out
 
 
 def write(folder: Path, commit: str, scan: str) -> None:
