@@ -481,8 +481,8 @@ class _Job:
         y = torch.from_numpy(flat).to(self.device).to(self.dtype)
         part = _fit_chunk(y, self.design, self.per_unit, self.cal, FitWindow(*self.window), self.method,
                           self.max_iter, self.nl)
-        if self.roi:
-            part["roi"] = roi_sums(flat, self.roi)
+        if self.roi:  # XRF-Maps' ROI maps: the raw counts in windows (about 0.15 us per pixel on 2 threads)
+            part["roi"] = roi_sums(flat, self.roi, n_threads=torch.get_num_threads())
         return {k: v if k.startswith("integrated_") else  # sums over the chunk's pixels, [window channels]
                 v.reshape((v.shape[0], n_rows, self.cols) if v.ndim == 2 else (n_rows, self.cols))
                 for k, v in part.items()}
