@@ -40,7 +40,7 @@ from mapstorch.errors import InputError
 from mapstorch.io.dataset import Dataset, calibration_spread
 from mapstorch.maps import solvers
 from mapstorch.maps.expansion import DesignExpansion, refit
-from mapstorch.maps.roi import roi_sums, roi_windows
+from mapstorch.maps.roi import roi_windows
 from mapstorch.physics.model import SpectrumModel, fit_window
 from mapstorch.physics.snip import snip_window
 
@@ -480,9 +480,7 @@ class _Job:
         # SNIP reads them in place; a transposing copy cost more than the whole fit
         y = torch.from_numpy(flat).to(self.device).to(self.dtype)
         part = _fit_chunk(y, self.design, self.per_unit, self.cal, FitWindow(*self.window), self.method,
-                          self.max_iter, self.nl)
-        if self.roi:  # XRF-Maps' ROI maps: the raw counts in windows (about 0.15 us per pixel on 2 threads)
-            part["roi"] = roi_sums(flat, self.roi, n_threads=torch.get_num_threads())
+                          self.max_iter, self.nl, self.roi)
         return {k: v if k.startswith("integrated_") else  # sums over the chunk's pixels, [window channels]
                 v.reshape((v.shape[0], n_rows, self.cols) if v.ndim == 2 else (n_rows, self.cols))
                 for k, v in part.items()}
@@ -592,16 +590,19 @@ def _distributed(client, job: _Job, dataset: Dataset, todo: Sequence[tuple[int, 
 
 
 def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, cal: tuple[float, float, float, float],
-               window, method: str, max_iter: int | None, nl: dict | None = None) -> dict[str, np.ndarray]:
+               window, method: str, max_iter: int | None, nl: dict | None = None,
+               roi: Sequence[tuple[int, int]] = ()) -> dict[str, np.ndarray]:
     """Fit the pixels ``y [P, C]`` of one chunk; numpy arrays ``counts``/``stderr`` ``[K, P]`` and
-    ``rchi2``/``iterations``/``status`` ``[P]``."""
+    ``rchi2``/``iterations``/``status`` ``[P]`` (and ``roi [R, P]``: the counts in the ``roi``
+    windows)."""
     off, slope, quad, width = cal
     with torch.no_grad():
         # channel-major [Cw, P] in memory throughout (the SNIP works that way): element-wise steps
         # on one memory layout, matrix products by transposed views
         # the NNLS needs the net counts max(y - bg, 0) only through their projections on the design
-        bg, yw, rhs = snip_window(y, off, slope, quad, width, (window.first, window.last), with_window=True,
-                                  project=design)
+        # (and XRF-Maps' ROI counts, summed while each chunk of spectra is in the cache)
+        bg, yw, rhs, *roi_counts = snip_window(y, off, slope, quad, width, (window.first, window.last),
+                                               with_window=True, project=design, roi=roi or None)
         bg = bg.T.contiguous().T
         yw = yw.T.contiguous().T
         a, it, ok = solvers.nnls(design, None, max_iter=max_iter or 2000, rhs=rhs)
@@ -619,7 +620,10 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
             a, bg = full[:, :-1], full[:, -1:] * shape[None, :]
             it = it + it2
         if method == "nonlinear" and nl is not None:
-            return _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
+            part = _fit_chunk_nonlinear(y, yw, bg, a, it, nl, max_iter)
+            if roi_counts:
+                part["roi"] = roi_counts[0].T.float().cpu().numpy()
+            return part
         if not bg.T.is_contiguous():  # the poisson method's background: channel-major like the rest
             bg = bg.T.contiguous().T
         # the model m = a D^T + bg and its weights 1 / max(m, 1) are not stored: the chi-square and
@@ -632,7 +636,8 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
         a = torch.where(finite[:, None], a, torch.zeros_like(a))  # non-finite: 0, as XRF-Maps
         bg_sum = _finite_rows(bg, finite).sum(0).double()
         model_sum = bg_sum + design.double() @ a.double().sum(0)  # the model a D^T + bg, summed
-        return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, model_sum, bg_sum)
+        return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, model_sum, bg_sum,
+                             **({"roi": roi_counts[0].T} if roi_counts else {}))
 
 
 def _background_start(design: torch.Tensor, shape: torch.Tensor, a: torch.Tensor, counts: torch.Tensor,

@@ -16,13 +16,10 @@ spectrum; ours are centred on Ma1.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
-from mapstorch.parallel import run_chunks
 
 __all__ = ["roi_half_width", "roi_windows", "roi_sums"]
 
@@ -62,63 +59,11 @@ def roi_windows(table, names: Sequence[str], offset: float, slope: float, channe
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _kernels():
-    """The compiled sums ``(pixel-major, channel-major)``, or None where numba is not usable."""
-    try:
-        import numba
-    except Exception:  # noqa: BLE001 -- not installed or broken: NumPy sums
-        return None
-
-    @numba.njit(nogil=True, cache=True)
-    def pixel_major(x, lo, hi, out, p0, p1):  # pragma: no cover - compiled
-        for p in range(p0, p1):
-            row = x[p]
-            for k in range(lo.shape[0]):
-                s = 0.0
-                for c in range(lo[k], hi[k] + 1):
-                    s += row[c]
-                out[k, p] = s
-
-    @numba.njit(nogil=True, cache=True)
-    def channel_major(xc, lo, hi, out, p0, p1):  # pragma: no cover - compiled
-        acc = np.empty(p1 - p0, dtype=np.float64)
-        for k in range(lo.shape[0]):
-            acc[:] = 0.0
-            for c in range(lo[k], hi[k] + 1):
-                row = xc[c]
-                for j in range(p1 - p0):
-                    acc[j] += row[p0 + j]
-            for j in range(p1 - p0):
-                out[k, p0 + j] = acc[j]
-
-    return pixel_major, channel_major
-
-
-def roi_sums(spectra: np.ndarray, windows: Sequence[tuple[int, int]], n_threads: int = 1) -> np.ndarray:
-    """``[K, P]`` float32: the counts of ``spectra [P, C]`` in each window, summed in float64
-    channel after channel; pixel-major or channel-major storage (``spectra.T`` C-contiguous) read
-    in place, on up to ``n_threads`` threads."""
-    n = spectra.shape[0]
-    out = np.empty((len(windows), n), dtype=np.float32)
-    if not windows:
-        return out
-    lo = np.array([a for a, _ in windows], dtype=np.int64)
-    hi = np.array([b for _, b in windows], dtype=np.int64)
-    kernels = _kernels()
-    if kernels is not None and spectra.dtype in (np.float32, np.float64) and spectra.flags.c_contiguous:
-        kernel, data = kernels[0], spectra
-    elif kernels is not None and spectra.dtype in (np.float32, np.float64) and spectra.T.flags.c_contiguous:
-        kernel, data = kernels[1], spectra.T
-    else:
-        for i, (a, b) in enumerate(windows):
-            out[i] = spectra[:, a:b + 1].sum(1, dtype=np.float64)
-        return out
-    step = 4096
-
-    def work(chunks):
-        for i in chunks:
-            kernel(data, lo, hi, out, i * step, min(n, (i + 1) * step))
-
-    run_chunks(work, -(-n // step), n_threads, name="mapstorch-roi")
+def roi_sums(spectra: np.ndarray, windows: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``[K, P]`` float32: the counts of ``spectra [P, C]`` in each window, summed in float64.
+    (A map fit sums them inside the SNIP's pass over each chunk, while it is in the cache:
+    ``snip_window(..., roi=windows)``; this is the plain version, for other callers.)"""
+    out = np.empty((len(windows), spectra.shape[0]), dtype=np.float32)
+    for i, (a, b) in enumerate(windows):
+        out[i] = spectra[:, a:b + 1].sum(1, dtype=np.float64)
     return out

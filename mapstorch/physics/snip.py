@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -373,7 +374,8 @@ def _snip_window_numpy(spectra: Tensor, widths, a0: int, b0: int, a: int, b: int
 
 
 def _snip_window_compiled(spectra: Tensor, widths, a: int, b: int, first: int, last: int, lo_limit: int,
-                          up_limit: int, with_window: bool = False, project: Tensor | None = None):
+                          up_limit: int, with_window: bool = False, project: Tensor | None = None,
+                          roi: tuple[np.ndarray, np.ndarray] | None = None):
     """:func:`snip_window` with the compiled CPU engine (:mod:`snip_cpu`): the same numbers as
     :func:`_snip_window_numpy`, read from pixel-major spectra or in place from channel-major ones
     (``[..., C]`` views of ``[C, ...]`` memory), returned channel-major in memory (transposed
@@ -384,10 +386,11 @@ def _snip_window_compiled(spectra: Tensor, widths, a: int, b: int, first: int, l
     x = (flat.T if channel_major else flat.contiguous()).numpy()  # [C, P] or [P, C]
     steps = _cpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit)
     mat = None if project is None else project.detach().to(device="cpu", dtype=spectra.dtype).numpy()
-    bg, counts, *proj = _snip_cpu().snip_window_cpu(x, first, last, steps, with_window, torch.get_num_threads(),
-                                                    project=mat, channel_major=channel_major)  # [Cw, P]; [K, P]
-    out = tuple(torch.from_numpy(v).T.reshape(*lead, v.shape[0]) for v in (bg, counts, *proj) if v is not None)
-    return out if with_window else out[0]
+    bg, counts, *more = _snip_cpu().snip_window_cpu(x, first, last, steps, with_window, torch.get_num_threads(),
+                                                    project=mat, channel_major=channel_major, roi=roi)
+    # [Cw, P]; [Cw, P] or None; [K, P] projections, [R, P] ROI sums where asked
+    out = tuple(torch.from_numpy(v).T.reshape(*lead, v.shape[0]) for v in (bg, counts, *more) if v is not None)
+    return out if with_window or roi is not None else out[0]
 
 
 def snip_window(
@@ -400,6 +403,7 @@ def snip_window(
     engine: str = "auto",
     with_window: bool = False,
     project: Tensor | None = None,
+    roi: Sequence[tuple[int, int]] | None = None,
 ):
     """The XRF-Maps SNIP background over the fit window only: ``[..., last - first + 1]``.
 
@@ -427,8 +431,13 @@ def snip_window(
     columns of ``project``, the right-hand side of a least-squares fit of the net counts. The
     compiled engine sums them while each chunk of spectra is in the cache, over the non-zero
     entries of ``project``, channel after channel (the net counts are never stored); the other
-    engines compute ``net @ project``. Both sum in the spectra's dtype.
+    engines compute ``net @ project``. Both sum in the spectra's dtype. With ``roi`` (``(first,
+    last)`` channel pairs, inclusive, anywhere in the spectrum; needs ``with_window``) last the raw
+    counts in each window, ``[..., R]`` float32 (XRF-Maps' ROI counts, :mod:`mapstorch.maps.roi`),
+    summed in float64: by the compiled engine while each chunk of spectra is in the cache.
     """
+    if roi is not None and not with_window:
+        raise InputError("snip_window: roi= needs with_window=True (it returns background, window, ..., ROI sums)")
     if project is not None:
         if not isinstance(project, Tensor):
             raise InputError(f"snip_window: project must be a tensor [window channels, K], got {type(project).__name__}")
@@ -438,15 +447,32 @@ def snip_window(
         if project.dim() != 2 or project.shape[0] != int(window[1]) - int(window[0]) + 1:
             raise InputError(f"snip_window: project must be [window channels, K] = [{int(window[1]) - int(window[0]) + 1}"
                              f", K], got {tuple(project.shape)}")
-    out = _snip_window(spectra, offset, slope, quadratic, width, window, engine, with_window, project)
-    if project is not None and len(out) == 2:  # engines other than the compiled one
-        bg, counts = out
-        return bg, counts, (counts - bg).clamp(min=0.0) @ project.to(device=bg.device, dtype=bg.dtype)
+    pairs = None
+    if roi is not None:
+        pairs = (np.array([int(w[0]) for w in roi], dtype=np.int64), np.array([int(w[1]) for w in roi], dtype=np.int64))
+        n = spectra.shape[-1]
+        if pairs[0].size and (pairs[0].min() < 0 or pairs[1].max() >= n or (pairs[0] > pairs[1]).any()):
+            raise InputError(f"snip_window: ROI windows {list(roi)} must be (first, last) pairs within the {n} channels")
+    out = _snip_window(spectra, offset, slope, quadratic, width, window, engine, with_window, project, pairs)
+    if not with_window:  # the background alone
+        return out
+    expected = 2 + (project is not None) + (roi is not None)
+    if len(out) == expected:  # the compiled engine did everything
+        return out
+    bg, counts = out[:2]
+    out = (bg, counts)
+    if project is not None:  # engines other than the compiled one
+        out += ((counts - bg).clamp(min=0.0) @ project.to(device=bg.device, dtype=bg.dtype),)
+    if roi is not None:
+        sums = [spectra[..., a:b + 1].sum(-1, dtype=torch.float64) for a, b in zip(*pairs)]
+        out += ((torch.stack(sums, -1) if sums else spectra.new_zeros((*spectra.shape[:-1], 0), dtype=torch.float64)
+                 ).float(),)
     return out
 
 
 def _snip_window(spectra: Tensor, offset: float, slope: float, quadratic: float, width: float,
-                 window: tuple[int, int], engine: str, with_window: bool, project: Tensor | None):
+                 window: tuple[int, int], engine: str, with_window: bool, project: Tensor | None,
+                 roi: tuple[np.ndarray, np.ndarray] | None = None):
     """:func:`snip_window`'s work; the compiled engine adds the projections of the net counts
     (the others leave them to the caller)."""
     if engine not in _ENGINES:
@@ -498,7 +524,7 @@ def _snip_window(spectra: Tensor, offset: float, slope: float, quadratic: float,
     if engine == "compiled":
         try:
             return _snip_window_compiled(spectra, widths, a, b, first, last, lo_limit, up_limit, with_window,
-                                         project=project)
+                                         project=project, roi=roi)
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 -- numba failed to compile or run here

@@ -209,6 +209,23 @@ def _project_chunk(v, nb, cptr, cval, crow, proj, p0):  # pragma: no cover - com
             e += 1
 
 
+@numba.njit(nogil=True, cache=True)
+def _roi_chunk(src, row0, col0, nb, lo, hi, out, p0):  # pragma: no cover - compiled
+    """``out[k, p0:p0 + nb]``: the sum of ``src``'s rows ``lo[k] - row0 .. hi[k] - row0``, columns
+    ``col0 .. col0 + nb - 1`` (a chunk's spectra, channel-major), in float64 channel after
+    channel: XRF-Maps' ROI counts, while the chunk is in the cache."""
+    acc = np.empty(nb, dtype=np.float64)
+    for k in range(lo.shape[0]):
+        for j in range(nb):
+            acc[j] = 0.0
+        for c in range(lo[k], hi[k] + 1):
+            row = src[c - row0]
+            for j in range(nb):
+                acc[j] += row[col0 + j]
+        for j in range(nb):
+            out[k, p0 + j] = acc[j]
+
+
 def nonzeros_by_row(matrix: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The non-zero entries of ``matrix [R, K]`` row by row: ``(ptr [R + 1], values, columns)``,
     row ``r``'s entries at ``ptr[r] .. ptr[r + 1] - 1`` in column order (values as ``dtype``,
@@ -251,8 +268,8 @@ def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_li
 
 def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarray, np.ndarray, np.ndarray],
                     with_counts: bool = False, n_threads: int = 1, project: np.ndarray | None = None,
-                    channel_major: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+                    channel_major: bool = False, roi: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> tuple:
     """XRF-Maps' SNIP background of pixel-major spectra ``x [P, C]`` (C-contiguous float32 or
     float64; with ``channel_major``, ``x [C, P]``: the spectra's transpose, as XRF-Maps files
     store them) over the window channels ``first..last``, channel-major: ``[Cw, P]``. Both
@@ -265,7 +282,10 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     projected on its columns, ``[K, P]``: the right-hand side of a least-squares fit of the net
     counts, computed while each chunk of spectra is in the cache (the net counts themselves are
     not stored), over the matrix's non-zero entries, summed channel after channel in ``x``'s
-    dtype. Runs on up to ``n_threads`` threads.
+    dtype. With ``roi`` (``(first, last)`` channel arrays ``[K]``, any channels of the spectrum) last
+    the raw counts in each window, ``[K, P]`` float32, summed in float64 channel after channel while
+    each chunk is in the cache (windows outside the SNIP's crop of pixel-major spectra are summed
+    from the spectra afterwards). Runs on up to ``n_threads`` threads.
     """
     if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype not in (np.float32, np.float64) \
             or not x.flags.c_contiguous:
@@ -298,6 +318,17 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     else:
         net = np.zeros(n_w, dtype=np.bool_)
     n_x = min(last + 3, n) - max(first - 2, 0)
+    xa = max(first - 2, 0)
+    if roi is not None:
+        r_lo, r_hi = (np.ascontiguousarray(v, dtype=np.int64) for v in roi)
+        if r_lo.shape != r_hi.shape or r_lo.ndim != 1 or (r_lo.size and (r_lo.min() < 0 or r_hi.max() >= n
+                                                                          or (r_lo > r_hi).any())):
+            raise InputError(f"ROI windows must be (first, last) channel arrays of one length within the {n} "
+                             f"channels, first <= last; got {r_lo.tolist()}, {r_hi.tolist()}")
+        roi_out = np.empty((r_lo.size, n_pix), dtype=np.float32)
+        inside = np.ones(r_lo.size, dtype=bool) if channel_major else (r_lo >= xa) & (r_hi < xa + n_x)
+        in_lo, in_hi = r_lo[inside], r_hi[inside]
+        roi_in = np.empty((in_lo.size, n_pix), dtype=np.float32)
 
     def work(chunks):
         t = np.empty((0 if channel_major else n_x, chunk), dtype=x.dtype)  # this thread's scratch and slab
@@ -312,6 +343,11 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
                     _load_chunk_cm(x, p0, nb, first, last, fifth, one, v)
                 else:
                     _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts)
+                if roi is not None and in_lo.size:  # the raw counts of the chunk, in the cache now
+                    if channel_major:
+                        _roi_chunk(x, 0, p0, nb, in_lo, in_hi, roi_in, p0)
+                    else:
+                        _roi_chunk(t, xa, 0, nb, in_lo, in_hi, roi_in, p0)
                 np.log(v, out=v)
                 v += one
                 np.log(v, out=v)
@@ -329,6 +365,10 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     run_chunks(work, -(-n_pix // chunk), n_threads, name="mapstorch-snip")
     if channel_major and with_counts:
         counts = x[first:last + 1]
-    if project is not None:
-        return out, (counts if with_counts else None), proj
-    return out, (counts if with_counts else None)
+    result = (out, counts if with_counts else None) + ((proj,) if project is not None else ())
+    if roi is None:
+        return result
+    roi_out[inside] = roi_in
+    for k in np.flatnonzero(~inside):  # windows outside the crop (pixel-major): from the spectra
+        roi_out[k] = x[:, r_lo[k]:r_hi[k] + 1].sum(1, dtype=np.float64)
+    return result + (roi_out,)
