@@ -70,13 +70,39 @@ def test_round_trip_through_v10(tmp_path):
     assert np.allclose(both.x_axis, ds.x_axis) and np.allclose(both.y_axis, ds.y_axis)
     summed = read_xrfmaps_h5(out[0])
     assert np.allclose(summed.read()[:, :, 0], ds.read().sum(2))
-    # XRF-Maps' average file: spectra summed, times averaged (HDF5_IO::generate_avg)
-    assert np.allclose(summed.live_time[..., 0], ds.live_time.mean(-1), rtol=1e-6)
+    # XRF-Maps' average file: spectra summed, times averaged (HDF5_IO::generate_avg) ...
+    with h5py.File(out[0], "r") as f:
+        assert np.allclose(f["MAPS/Spectra/Elapsed_Livetime"][()], ds.live_time.mean(-1), rtol=1e-6)
+    # ... which the reader knows from the element files beside it: the summed spectra's live time
+    assert np.allclose(summed.live_time[..., 0], ds.live_time.sum(-1), rtol=1e-6)
+    assert any("average file of 2 detector elements" in n for n in summed.notes)
     assert summed.scaler("US_IC").shape == (5, 4) and np.allclose(summed.scaler("SR_current"), 102.0)
     with h5py.File(out[0], "r") as f:
         assert np.allclose(f["MAPS/Spectra/Integrated_Spectra/Spectra"][()], ds.read().sum((0, 1, 2)))
     both.close()
     summed.close()
+
+
+def test_a_summed_file_without_its_element_files_keeps_its_live_time(tmp_path):
+    """Only element files beside it whose mean live time is the file's make it an average: alone,
+    or beside unrelated files, its live time is read as written."""
+    import shutil
+
+    ds = synthetic()
+    out = write_xrfmaps_h5(tmp_path / "scan.h5", ds, per_detector=True, chunk_rows=2)
+    alone = tmp_path / "alone" / "scan.h5"
+    alone.parent.mkdir()
+    shutil.copy(out[0], alone)
+    with read_xrfmaps_h5(alone) as r:
+        assert np.allclose(r.live_time[..., 0], ds.live_time.mean(-1), rtol=1e-6)
+        assert not any("average file" in n for n in r.notes)
+    shutil.copy(out[1], alone.parent / "scan.h50")  # one element file only: not an average
+    with read_xrfmaps_h5(alone) as r:
+        assert np.allclose(r.live_time[..., 0], ds.live_time.mean(-1), rtol=1e-6)
+    other = write_xrfmaps_h5(tmp_path / "other.h5", synthetic(seed=5), per_detector=True, chunk_rows=2)
+    shutil.copy(other[2], alone.parent / "scan.h51")  # live times that do not average to the file's
+    with read_xrfmaps_h5(alone) as r:
+        assert np.allclose(r.live_time[..., 0], ds.live_time.mean(-1), rtol=1e-6)
 
 
 def test_results_and_override_groups(tmp_path, override_2ide):

@@ -256,6 +256,15 @@ def _xrfmaps_dataset(f) -> Dataset:
     if incident is not None:
         provenance["incident_energy_source"] = "Fit_Parameters_Override COHERENT_SCT_ENERGY"
     det = _detector_suffix(p)
+    live = per_pixel("Elapsed_Livetime")
+    if layout == "v10" and det is None and live is not None:
+        n_avg = _averaged_elements(p, live[..., 0])
+        if n_avg:
+            live = live * n_avg
+            notes.append(f"an average file of {n_avg} detector elements ({Path(p).name}0 .. {n_avg - 1} beside it): its "
+                         f"spectra are their sum and its live times their mean, so the live time used is {n_avg} x "
+                         "the file's (counts/s on one element's scale, as XRF-Maps' average maps)")
+            provenance["live_time"] = f"Elapsed_Livetime x {n_avg} (an average of {n_avg} detector elements)"
     return Dataset(
         path=p,
         format=f"xrfmaps-hdf5-{layout}",
@@ -265,7 +274,7 @@ def _xrfmaps_dataset(f) -> Dataset:
         channels=channels,
         calibration=cal,
         read_block=read_block,
-        live_time=per_pixel("Elapsed_Livetime"),
+        live_time=live,
         real_time=per_pixel("Elapsed_Realtime"),
         input_counts=per_pixel("Input_Counts"),
         output_counts=per_pixel("Output_Counts"),
@@ -305,6 +314,30 @@ def _extra_pvs(f, group: str) -> dict[str, dict]:
             out[name] = {"value": values[i], "unit": unit[i] if i < len(unit) else "",
                          "description": desc[i] if i < len(desc) else ""}
     return out
+
+
+def _averaged_elements(path: str, live: np.ndarray) -> int:
+    """How many detector elements an XRF-Maps average file ``<scan>.h5`` averages: the number of
+    per-element files ``<scan>.h50``, ``.h51``, ... beside it, when there are at least two and the
+    mean of their live times is this file's (``HDF5_IO::generate_avg``); else 0."""
+    import h5py
+
+    lives = []
+    for d in range(64):
+        sibling = Path(f"{path}{d}")
+        if not sibling.is_file():
+            break
+        try:
+            with h5py.File(sibling, "r") as f:
+                v = np.asarray(f["MAPS/Spectra/Elapsed_Livetime"][()], dtype=np.float64)
+        except (OSError, KeyError, ValueError, TypeError):
+            return 0
+        if v.shape != live.shape:
+            return 0
+        lives.append(v)
+    if len(lives) < 2:
+        return 0
+    return len(lives) if np.allclose(np.mean(lives, axis=0), live, rtol=1e-5, atol=1e-9) else 0
 
 
 def _detector_suffix(path: str) -> int | None:
