@@ -9,7 +9,8 @@ Usage::
 --detectors 0,1,2,3 --generate-avg-h5``, see ``README.md``); scans default to ``2xfm_0010``
 (a step scan, spectra in the MDA file) and ``2xfm_0011`` (a fly scan, spectra in
 ``flyXRF.h5/``). Kept: each file's NNLS
-``Channel_Names``, ``Channel_Units`` and ``Counts_Per_Sec`` (as float32 values), the ROI group's
+``Channel_Names``, ``Channel_Units`` and ``Counts_Per_Sec`` (as float32 values), NNLS's
+``Fitted_Integrated_Spectra`` and ``FIT_Integrated_Background``, the ROI group's
 ``Channel_Names`` and ``Counts_Per_Sec`` where there is one, and the live times XRF-Maps divided
 by (``/MAPS/Spectra/Elapsed_Livetime``). No spectra are kept.
 """
@@ -46,6 +47,8 @@ def read(path: Path) -> dict:
             "units": _strings(group["Channel_Units"][()]),
             "counts_per_sec": _values(group["Counts_Per_Sec"][()]),
             "live_time": _values(f["MAPS/Spectra/Elapsed_Livetime"][()]),
+            "fitted_integrated": _values(group["Fitted_Integrated_Spectra"][()]),
+            "background_integrated": _values(group["FIT_Integrated_Background"][()]),
         }
         if "MAPS/XRF_Analyzed/ROI" in f:  # XRF-Maps' ROI routine (--fit roi,nnls)
             roi = f["MAPS/XRF_Analyzed/ROI"]
