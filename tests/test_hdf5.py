@@ -83,9 +83,10 @@ def test_round_trip_through_v10(tmp_path):
     summed.close()
 
 
-def test_a_summed_file_without_its_element_files_keeps_its_live_time(tmp_path):
-    """Only element files beside it whose mean live time is the file's make it an average: alone,
-    or beside unrelated files, its live time is read as written."""
+def test_a_summed_file_without_its_element_files(tmp_path):
+    """Ours records how many elements its times average (read back without the element files);
+    a file without that record is an average only with its element files beside it, whose mean
+    live time is the file's: alone, or beside unrelated files, its live time is read as written."""
     import shutil
 
     ds = synthetic()
@@ -93,6 +94,11 @@ def test_a_summed_file_without_its_element_files_keeps_its_live_time(tmp_path):
     alone = tmp_path / "alone" / "scan.h5"
     alone.parent.mkdir()
     shutil.copy(out[0], alone)
+    with read_xrfmaps_h5(alone) as r:
+        assert np.allclose(r.live_time[..., 0], ds.live_time.sum(-1), rtol=1e-6)
+        assert any("2 detector elements (as its writer recorded)" in n for n in r.notes)
+    with h5py.File(alone, "a") as f:  # as XRF-Maps writes it: no record
+        del f["MAPS/Spectra"].attrs["mapstorch_detectors_averaged"]
     with read_xrfmaps_h5(alone) as r:
         assert np.allclose(r.live_time[..., 0], ds.live_time.mean(-1), rtol=1e-6)
         assert not any("average file" in n for n in r.notes)
@@ -103,6 +109,10 @@ def test_a_summed_file_without_its_element_files_keeps_its_live_time(tmp_path):
     shutil.copy(other[2], alone.parent / "scan.h51")  # live times that do not average to the file's
     with read_xrfmaps_h5(alone) as r:
         assert np.allclose(r.live_time[..., 0], ds.live_time.mean(-1), rtol=1e-6)
+    shutil.copy(out[2], alone.parent / "scan.h51")  # its own element files: an average again
+    with read_xrfmaps_h5(alone) as r:
+        assert np.allclose(r.live_time[..., 0], ds.live_time.sum(-1), rtol=1e-6)
+        assert any("scan.h50 .. 1 beside it" in n for n in r.notes)
 
 
 def test_results_and_override_groups(tmp_path, override_2ide):

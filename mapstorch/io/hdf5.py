@@ -53,6 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_SUMMED_ATTR = "mapstorch_detectors_averaged"  # on /MAPS/Spectra of a summed file we write: N elements
 _ROLE_NAMES = {"US_IC": "US_IC", "DS_IC": "DS_IC", "US_FM": "US_FM", "SR_current": "SR_Current",
                "DPC1_IC": "DPC1_IC", "DPC2_IC": "DPC2_IC"}
 
@@ -258,12 +259,20 @@ def _xrfmaps_dataset(f) -> Dataset:
     det = _detector_suffix(p)
     live = per_pixel("Elapsed_Livetime")
     if layout == "v10" and det is None and live is not None:
+        # XRF-Maps' average of N elements: summed spectra, mean live times; N from the element
+        # files beside it, or from the count our writer records
         n_avg = _averaged_elements(p, live[..., 0])
+        where = f"{Path(p).name}0 .. {n_avg - 1} beside it"
+        if not n_avg:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                n_avg = int(_get(f, "MAPS/Spectra", kind="any").attrs[_SUMMED_ATTR])
+            n_avg = n_avg if n_avg > 1 else 0
+            where = "as its writer recorded"
         if n_avg:
             live = live * n_avg
-            notes.append(f"an average file of {n_avg} detector elements ({Path(p).name}0 .. {n_avg - 1} beside it): its "
-                         f"spectra are their sum and its live times their mean, so the live time used is {n_avg} x "
-                         "the file's (counts/s on one element's scale, as XRF-Maps' average maps)")
+            notes.append(f"an average file of {n_avg} detector elements ({where}): its spectra are their sum and its "
+                         f"live times their mean, so the live time used is {n_avg} x the file's (counts/s on one "
+                         "element's scale, as XRF-Maps' average maps)")
             provenance["live_time"] = f"Elapsed_Livetime x {n_avg} (an average of {n_avg} detector elements)"
     return Dataset(
         path=p,
@@ -703,6 +712,8 @@ def _write_file(h5, ds: Dataset, detector: int | None, override, results, compre
     _ds(extra, "Unit", _fixed([str(pv.get("unit", "")) for pv in pvs.values()], 255))
     _ds(extra, "Description", _fixed([str(pv.get("description", "")) for pv in pvs.values()], 255))
     maps.attrs["mapstorch_provenance"] = json.dumps({str(k): _pv_text(v) for k, v in ds.provenance.items()})
+    if detector is None and ds.detectors > 1:  # the summed file: how many elements its times average
+        spec.attrs[_SUMMED_ATTR] = np.int32(ds.detectors)
     _ds(maps, "version", np.array([10.0], dtype=np.float32))
     if override is not None:
         _write_override(maps, override)
