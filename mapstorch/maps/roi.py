@@ -7,7 +7,8 @@ XRF-Maps' ``ROI`` routine (``ROI_Fit_Routine``) sums a pixel's raw spectrum over
 of that element (``Fit_Element_Map``); the energy calibration is the fit's offset and slope (the
 quadratic term is not used). Past the spectrum's end the window stops at its last channel but
 one; a window whose start passes its end starts one channel before the end. The maps are
-divided by the live time like the fitted ones.
+divided by the live time like the fitted ones. The map fit sums the windows inside the SNIP's
+pass over each chunk of spectra, while it is in the cache (``snip_window(..., roi=windows)``).
 
 One difference: for M lines XRF-Maps leaves the centre at 0 keV (``init_energy_ratio_for_
 detector_element`` sets it for K and L only), so its M windows sum the first channels of the
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["roi_half_width", "roi_windows", "roi_sums"]
+__all__ = ["roi_half_width", "roi_windows"]
 
 _MAIN_LINES = ("Ka1", "La1", "Ma1", "Ka1+Ka1")
 
@@ -56,14 +57,4 @@ def roi_windows(table, names: Sequence[str], offset: float, slope: float, channe
         if left > right:
             left = max(right - 1, 0)
         out.append((left, right))
-    return out
-
-
-def roi_sums(spectra: np.ndarray, windows: Sequence[tuple[int, int]]) -> np.ndarray:
-    """``[K, P]`` float32: the counts of ``spectra [P, C]`` in each window, summed in float64.
-    (A map fit sums them inside the SNIP's pass over each chunk, while it is in the cache:
-    ``snip_window(..., roi=windows)``; this is the plain version, for other callers.)"""
-    out = np.empty((len(windows), spectra.shape[0]), dtype=np.float32)
-    for i, (a, b) in enumerate(windows):
-        out[i] = spectra[:, a:b + 1].sum(1, dtype=np.float64)
     return out
