@@ -167,8 +167,16 @@ def plot_maps(
     for ax in axes.ravel():
         ax.axis("off")
     for ax, name in zip(axes.ravel(), names):
-        im = ax.imshow(np.asarray(maps[name]), origin="lower", cmap="viridis", interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        values = np.asarray(maps[name])
+        finite = values[np.isfinite(values)]
+        shown, limits = name, {}
+        if finite.size == 0:
+            shown = f"{name} (no finite value)"
+        elif finite.min() == finite.max():  # a flat map: say so, rather than a colour bar around it
+            v = float(finite.min())
+            shown, limits = f"{name} (all {v:.4g})", {"vmin": v, "vmax": v + max(1.0, abs(v))}
+        im = ax.imshow(values, origin="lower", cmap="viridis", interpolation="nearest", **limits)
+        ax.set_title(shown, fontsize=9)
         label = units if isinstance(units, str) else units.get(name, "")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
         ax.axis("on")

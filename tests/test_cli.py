@@ -26,7 +26,9 @@ def test_lines_with_xrfmaps_tables(capsys, xrfmaps_reference):
 @pytest.mark.parametrize(
     "argv,msg",
     [(["lines", "Xx"], "unknown element"), (["lines", "Fe", "--library", "/nonexistent.csv"], "--henke"),
-     (["lines", "Fe", "--library", "/nonexistent.csv", "--henke", "/x.xdr"], "not found")],
+     (["lines", "Fe", "--library", "/nonexistent.csv", "--henke", "/x.xdr"], "not found"),
+     # a missing data file is named as such, not reported as a missing override file
+     (["map", "/nonexistent/scan.mda"], "data file not found: /nonexistent/scan.mda")],
 )
 def test_errors_exit_2_without_traceback(capsys, argv, msg):
     assert main(argv) == 2

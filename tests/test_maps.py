@@ -453,6 +453,27 @@ def test_killed_run_leaves_no_output_and_resumes(tmp_path):
                                       b["MAPS/XRF_Analyzed/NNLS/Counts_Per_Sec"][()])
 
 
+def test_interrupted_run_says_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT): exit status 130, no output file, and the finished chunks are named."""
+    data, ovr = _write_inputs(tmp_path, rows=24, cols=24)
+    out = tmp_path / "maps.h5"
+    work = tmp_path / "maps.h5.partial"
+    cmd = [sys.executable, "-m", "mapstorch", "map", str(data), "--override", str(ovr), "--out", str(out),
+           "--chunk-rows", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("chunk_*.npz"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.rstrip().endswith("mapstorch: interrupted")
+    kept = len(list(work.glob("chunk_*.npz")))
+    assert f"{kept} finished chunk(s) kept in {work}: the same command resumes" in err
+    assert not out.exists()
+
+
 def test_map_2ide_nnls_per_detector(tmp_path):
     from conftest import require_shared
 

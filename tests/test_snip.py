@@ -458,3 +458,26 @@ def test_roi_counts_summed_with_the_snip_equal_direct_sums(layout):
         snip_window(y, 0.0, 0.01, 0.0, 0.5, window, roi=windows)
     with pytest.raises(InputError, match="within the 400 channels"):
         snip_window(y, 0.0, 0.01, 0.0, 0.5, window, with_window=True, roi=[(10, 400)])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_explicit_vector_sweep_equals_the_vectorised_loop(dtype):
+    """The sweep's explicit vector kernel (whole 64-byte vectors) and its lane loop (the rest):
+    the loop's numbers bit for bit, for random steps that read their own row on either side,
+    NaN on either side, and any number of spectra."""
+    snip_cpu = pytest.importorskip("mapstorch.physics.snip_cpu")
+    rng = np.random.default_rng(3)
+    rows, n_steps = 60, 4000
+    chan = rng.integers(0, rows, n_steps)
+    lo = np.where(rng.random(n_steps) < 0.2, chan, rng.integers(0, rows, n_steps))
+    hi = np.where(rng.random(n_steps) < 0.2, chan, rng.integers(0, rows, n_steps))
+    half = dtype(0.5)
+    for nb in (1, 7, 8, 16, 17, 40, 64, 130):
+        v = (rng.random((rows, nb + 3)) * 10).astype(dtype)  # wider than nb: lanes past nb stay as they are
+        v[rng.random(v.shape) < 0.01] = np.nan
+        want, got = v.copy(), v.copy()
+        snip_cpu._sweep_lanes(want, nb, chan, lo, hi, half)
+        snip_cpu._sweep_chunk(got, nb, chan, lo, hi, half)
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+        np.testing.assert_array_equal(got[:, nb:].view(np.uint8), v[:, nb:].view(np.uint8))
+        assert not np.array_equal(np.nan_to_num(got[:, :nb]), np.nan_to_num(v[:, :nb]))  # the steps did clip

@@ -63,6 +63,7 @@ def run_map(args: argparse.Namespace) -> int:
     import torch
 
     from mapstorch.io.atomic import check_target
+    from mapstorch.io.files import read_bytes
     from mapstorch.io.hdf5 import write_xrfmaps_h5
     from mapstorch.io.open import open_dataset, override_beside
     from mapstorch.io.override import read_override
@@ -70,6 +71,7 @@ def run_map(args: argparse.Namespace) -> int:
     from mapstorch.maps.average import average_maps
     from mapstorch.maps.fit import _ChunkStore
 
+    read_bytes(args.file, "data file", limit=1)  # a missing file is named before the override is looked for
     out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.file).name.split('.')[0]}_maps.h5"
     check_target(out, "--out")
     if args.png:
@@ -159,6 +161,12 @@ def run_map(args: argparse.Namespace) -> int:
                                     if args.parameter_maps else None, progress=progress))
                 if bar is not None:
                     bar.reset()
+        except KeyboardInterrupt:
+            kept = sum(1 for _ in work.rglob("chunk_*.npz")) if work.is_dir() else 0
+            if kept:  # say how to go on (mapstorch's main then reports the interruption)
+                sys.stderr.write(f"mapstorch: {kept} finished chunk(s) kept in {work}: the same command resumes "
+                                 "from them\n")
+            raise
         finally:
             if bar is not None:
                 bar.close()

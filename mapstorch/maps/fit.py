@@ -412,9 +412,10 @@ def fit_map(
         notes.append("the file records no live time: Counts_Per_Sec holds counts")
     if reused:
         notes.append(f"{reused} chunk(s) reused from {work_dir}")
-    bad = int((status != 0).sum())
-    if bad:
-        notes.append(f"{bad} pixel(s) did not converge (see the Status map: 1 max-iterations, 2 non-finite)")
+    n_max, n_bad = int((status == 1).sum()), int((status == 2).sum())
+    if n_max or n_bad:
+        notes.append(f"{n_max + n_bad} pixel(s) did not converge: {n_max} stopped at the iteration limit, {n_bad} "
+                     "non-finite (Status map codes 1 and 2)")
     seconds = time.perf_counter() - t0
     return MapResult(method, names, counts, stderr, cps, rchi2, iters, status, str(detector), seconds,
                      fitted_pixels / t_fit if t_fit > 0 else math.nan, reused, notes, free_names,
