@@ -13,7 +13,8 @@ numbers bit for bit, done a chunk of spectra at a time so that the chunk's chann
 2. NumPy: ``log``, ``+ 1``, ``log`` (numba's scalar ``log``/``exp`` round differently from
    NumPy's SIMD ones in the last bit, so the transcendental functions stay in NumPy);
 3. compiled: every pass of the clipping ``v[c] = min(v[c], 0.5 * (v[lo] + v[hi]))``, channel
-   after channel in XRF-Maps' order, the innermost loop over the chunk's spectra (SIMD);
+   after channel in XRF-Maps' order, the innermost loop over the chunk's spectra (SIMD: whole
+   64-byte vectors written as LLVM vector code, :func:`_clip_steps`, the last lanes as a loop);
 4. NumPy: ``exp``, ``- 1``, ``exp``; compiled: ``- 1``, non-finite values to 0, and the chunk
    written into the channel-major result; if asked, the net counts ``max(y - bg, 0)`` replace
    the slab's rows and are projected on the columns of a matrix, column after column (the
