@@ -597,6 +597,8 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
     ``rchi2``/``iterations``/``status`` ``[P]`` (and ``roi [R, P]``: the counts in the ``roi``
     windows)."""
     off, slope, quad, width = cal
+    if method == "nnls" and _fused_usable(y, design):
+        return _fit_chunk_nnls_fused(y, design, per_unit, cal, window, max_iter, roi)
     with torch.no_grad():
         # channel-major [Cw, P] in memory throughout (the SNIP works that way): element-wise steps
         # on one memory layout, matrix products by transposed views
@@ -630,15 +632,67 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
         # the model m = a D^T + bg and its weights 1 / max(m, 1) are not stored: the chi-square and
         # the standard errors (Fisher information) are summed as they are computed
         chi, se = solvers.model_chi2_stderr(design, a, bg, yw)
-        dof = (yw.shape[1] - (a > 0).sum(1)).clamp(min=1)
-        chi = chi / dof
         finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
-        code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
-        a = torch.where(finite[:, None], a, torch.zeros_like(a))  # non-finite: 0, as XRF-Maps
         bg_sum = _finite_rows(bg, finite).sum(0).double()
-        model_sum = bg_sum + design.double() @ a.double().sum(0)  # the model a D^T + bg, summed
-        return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, model_sum, bg_sum,
-                             **({"roi": roi_counts[0].T} if roi_counts else {}))
+        return _nnls_output(y, design, per_unit, a, se, chi, it, ok, bg_sum, roi_counts[0].T if roi_counts else None)
+
+
+def _nnls_output(y, design, per_unit, a, se, chi, it, ok, bg_sum, roi) -> dict[str, np.ndarray]:
+    """:func:`_chunk_output` of a chunk's fit with the background fixed (nnls, poisson): ``chi``
+    the chi-square (divided here by the degrees of freedom), ``bg_sum`` the background summed over
+    the pixels whose fit is finite, ``roi [P, R]`` or None."""
+    dof = design.shape[0] - (a > 0).sum(1)  # window channels less the amplitudes in use
+    chi = chi / dof.clamp(min=1)
+    finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
+    code = torch.where(finite, torch.where(ok, 0, 1), 2).to(torch.int8)
+    a = torch.where(finite[:, None], a, torch.zeros_like(a))  # non-finite: 0, as XRF-Maps
+    model_sum = bg_sum + design.double() @ a.double().sum(0)  # the model a D^T + bg, summed
+    return _chunk_output(y, a, se, a * per_unit, se * per_unit, chi, it, code, model_sum, bg_sum,
+                         **({"roi": roi} if roi is not None else {}))
+
+
+def _fused_usable(y: torch.Tensor, design: torch.Tensor) -> bool:
+    """Whether the nnls fit of a chunk can go through :mod:`nnls_fused_cpu` (CPU spectra of the
+    design's float dtype, pixel- or channel-major in memory, no gradient, numba working)."""
+    from mapstorch.physics import snip
+
+    if y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64) or y.dtype != design.dtype \
+            or y.requires_grad or design.requires_grad or y.dim() != 2 or y.shape[0] < 1:
+        return False
+    if not (y.is_contiguous() or y.T.is_contiguous()):
+        return False
+    return snip._compiled_unusable() is None and solvers._engine("auto", y) == "compiled"
+
+
+def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, cal, window,
+                          max_iter: int | None, roi: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """:func:`_fit_chunk`'s nnls method in one pass per group of pixels (:mod:`nnls_fused_cpu`):
+    the same SNIP, projections, solver and chi-square kernels, the background and the window's
+    counts never written out for the whole chunk."""
+    from mapstorch.maps import nnls_fused_cpu
+    from mapstorch.physics.snip import compiled_plan
+
+    off, slope, quad, width = cal
+    channel_major = y.shape[0] > 1 and y.T.is_contiguous()
+    x = (y.T if channel_major else y).numpy()
+    plan = compiled_plan(y.shape[1], off, slope, quad, width, (window.first, window.last), y.dtype, channel_major,
+                         project=design, roi=roi or None)
+    norms, gram, lip, inverse = solvers.nnls_setup(design)
+    k = design.shape[1]
+    iu = torch.triu_indices(k, k)
+    pairs = design[:, iu[0]] * design[:, iu[1]]  # as solvers.model_chi2_stderr's
+    res = nnls_fused_cpu.fit_nnls_cpu(x, plan, design.numpy(), pairs.numpy(), norms.numpy(), gram.numpy(), lip,
+                                      inverse.numpy(), 1e-6, max_iter or 2000, torch.get_num_threads())
+    a = torch.from_numpy(res["a"])
+    se = torch.from_numpy(res["stderr"])
+    if res["failed"]:  # not positive definite (collinear columns): the pseudo-inverse's errors, as there
+        rows = torch.tensor(sorted(res["failed"]))
+        bg = torch.from_numpy(np.stack([res["failed"][int(p)] for p in rows]))
+        se[rows] = solvers.pseudo_inverse_stderr(design, a[rows], bg, pairs, iu)
+    chi = torch.from_numpy(res["chi2"]).to(y.dtype)
+    roi_counts = torch.from_numpy(res["roi"]) if "roi" in res else None  # [R, P]
+    return _nnls_output(y, design, per_unit, a, se, chi, torch.from_numpy(res["iterations"]),
+                        torch.from_numpy(res["converged"]), torch.from_numpy(res["background_sum"]), roi_counts)
 
 
 def _background_start(design: torch.Tensor, shape: torch.Tensor, a: torch.Tensor, counts: torch.Tensor,

@@ -26,10 +26,22 @@ from torch import Tensor
 
 from mapstorch.maps import spd_lanes
 
-__all__ = ["nnls", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
+__all__ = ["nnls", "nnls_setup", "pseudo_inverse_stderr", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
            "pearson_chi2", "model_weights_chi2", "model_chi2_stderr", "deviance_rows", "lm_trials"]
 
 log = logging.getLogger(__name__)
+
+
+def nnls_setup(design: Tensor) -> tuple[Tensor, Tensor, float, Tensor]:
+    """What :func:`nnls` derives from the design ``[C, K]`` alone: ``(norms [K], gram [K, K],
+    lip, inverse [K, K])``, the columns' norms, the Gram matrix of the normalised columns, its
+    largest eigenvalue (a little more: the step is ``1 / lip``) and its pseudo-inverse (the
+    start: the unconstrained solution clipped at 0), in the design's dtype."""
+    norms = torch.linalg.vector_norm(design, dim=0).clamp(min=torch.finfo(design.dtype).tiny)
+    d = design / norms
+    gram = d.T @ d  # [K, K]
+    lip = float(torch.linalg.eigvalsh(gram.double()).max()) * 1.0001
+    return norms, gram, lip, torch.linalg.pinv(gram.double(), hermitian=True).to(design.dtype)
 
 
 def nnls(design: Tensor, target: Tensor | None, max_iter: int = 2000, tol: float = 1e-6,
@@ -48,23 +60,20 @@ def nnls(design: Tensor, target: Tensor | None, max_iter: int = 2000, tol: float
     """
     if engine not in ("auto", "compiled", "torch"):
         raise ValueError(f"engine must be auto, compiled or torch; got {engine!r}")
-    norms = torch.linalg.vector_norm(design, dim=0).clamp(min=torch.finfo(design.dtype).tiny)
-    d = design / norms
-    gram = d.T @ d  # [K, K]
-    lip = float(torch.linalg.eigvalsh(gram.double()).max()) * 1.0001
+    norms, gram, lip, inverse = nnls_setup(design)
     if rhs is not None:
         if rhs.dim() != 2 or rhs.shape[1] != design.shape[1]:
             raise ValueError(f"nnls: rhs must be [P, {design.shape[1]}], got {tuple(rhs.shape)}")
         b = rhs / norms  # = target @ d
     elif target is not None:
-        b = target @ d  # [P, K]
+        b = target @ (design / norms)  # [P, K]
     else:
         raise ValueError("nnls needs the target or its rhs = target @ design")
     scale = torch.linalg.vector_norm(b, dim=1).clamp(min=torch.finfo(design.dtype).tiny)
     if start is not None:
         x = (start * norms).clamp(min=0.0)
     else:  # the unconstrained least-squares solution, clipped at 0: most pixels need 1-3 steps from it
-        x = (b @ torch.linalg.pinv(gram.double(), hermitian=True).to(b.dtype)).clamp_(min=0.0)
+        x = (b @ inverse).clamp_(min=0.0)
     if engine != "torch" and _engine("compiled" if engine == "compiled" else "auto", b) == "compiled":
         arrays = (v.detach().contiguous().numpy() for v in (gram, b, x, scale))
         xs, iters, done = _nnls_cpu().fista(*arrays, lip, tol, max_iter, torch.get_num_threads())
@@ -309,10 +318,18 @@ def model_chi2_stderr(design: Tensor, amplitudes: Tensor, background: Tensor, co
                                                 background.T.numpy(), counts.T.numpy(), torch.get_num_threads())
     se, failed = torch.from_numpy(se), ~torch.from_numpy(ok)
     if bool(failed.any()):  # not positive definite (collinear columns): the pseudo-inverse there
-        m = amplitudes[failed] @ design.T + background[failed]
-        se[failed] = _stderr_from_upper(weighted_pairs(m.clamp(min=1.0).reciprocal(), pairs), active[failed], iu, k,
-                                        "compiled")
+        se[failed] = pseudo_inverse_stderr(design, amplitudes[failed], background[failed], pairs, iu)
     return torch.from_numpy(chi).to(counts.dtype), se
+
+
+def pseudo_inverse_stderr(design: Tensor, amplitudes: Tensor, background: Tensor, pairs: Tensor, iu: Tensor) -> Tensor:
+    """:func:`poisson_stderr`'s errors ``[P, K]`` of pixels whose Fisher information is not
+    positive definite (the pseudo-inverse's), with tensor operations: the model ``amplitudes [P,
+    K] @ design.T + background [P, C]``, ``pairs [C, T]`` the products of the design's columns
+    ``iu`` (``torch.triu_indices``)."""
+    m = amplitudes @ design.T + background
+    return _stderr_from_upper(weighted_pairs(m.clamp(min=1.0).reciprocal(), pairs), amplitudes > 0, iu,
+                              design.shape[1], "compiled")
 
 
 def _stderr_from_upper(upper: Tensor, active: Tensor, iu: Tensor, k: int, engine: str) -> Tensor:

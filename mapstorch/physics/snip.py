@@ -470,6 +470,53 @@ def snip_window(
     return out
 
 
+def _checked(n: int, window: tuple[int, int], slope: float, width: float) -> tuple[int, int]:
+    """The window's first and last channel, once the window, slope and width make a SNIP."""
+    first, last = int(window[0]), int(window[1])
+    if not 0 <= first <= last < n:
+        raise InputError(f"SNIP window {window} lies outside the {n} channels")
+    if not slope > 0:
+        raise InputError(f"SNIP needs a positive energy slope, got {slope}")
+    if not width >= 0:
+        raise InputError(f"SNIP width must be >= 0, got {width}")
+    return first, last
+
+
+def _passes(n: int, offset: float, slope: float, quadratic: float, width: float, first: int, last: int,
+            dtype: torch.dtype, device) -> tuple[int, int, list[Tensor], int, int]:
+    """The sweeps of a SNIP over the window ``first..last`` of ``n`` channels: ``(a, b, widths,
+    lo_limit, up_limit)``, the crop ``a..b - 1`` (the window and the smoothing's reach), each
+    pass's widths over the crop, and the window's first and last channel in the crop."""
+    a, b = max(first - 2, 0), min(last + 3, n)
+    w_full = snip_widths(n, offset, slope, quadratic, width, dtype=dtype, device=device).reshape(-1)
+    w = w_full[a:b]
+    widths = [w, w]  # two passes at the full width, then one per width while the widest is >= 0.5
+    top = float(w_full.max())  # the number of passes follows the whole spectrum's widest window
+    while top >= 0.5:
+        widths.append(w)
+        w = w / math.sqrt(2.0)
+        top = top / math.sqrt(2.0)
+    return a, b, widths, first - a, last - a
+
+
+def compiled_plan(n: int, offset: float, slope: float, quadratic: float, width: float, window: tuple[int, int],
+                  dtype: torch.dtype, channel_major: bool = False, project: Tensor | None = None,
+                  roi: Sequence[tuple[int, int]] | None = None):
+    """The compiled CPU engine's :class:`snip_cpu.SnipPlan` for spectra of ``n`` channels
+    (float32 or float64; ``channel_major``: stored ``[C, P]``): XRF-Maps' SNIP over ``window``
+    with this calibration and width, the net counts projected on ``project [Cw, K]``, the ROI
+    windows ``roi`` summed. For fits that work through a chunk of spectra at a time themselves
+    (:mod:`mapstorch.maps.nnls_fused_cpu`); :func:`snip_window` otherwise."""
+    first, last = _checked(n, window, slope, width)
+    a, b, widths, lo_limit, up_limit = _passes(n, offset, slope, quadratic, width, first, last, dtype, "cpu")
+    steps = _cpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit)
+    mat = None if project is None else project.detach().to(device="cpu", dtype=dtype).numpy()
+    pairs = None if roi is None else (np.array([int(w[0]) for w in roi], dtype=np.int64),
+                                      np.array([int(w[1]) for w in roi], dtype=np.int64))
+    return _snip_cpu().SnipPlan(n, first, last, steps, torch.empty(0, dtype=dtype).numpy().dtype, channel_major,
+                                mat, pairs)
+
+
 def _snip_window(spectra: Tensor, offset: float, slope: float, quadratic: float, width: float,
                  window: tuple[int, int], engine: str, with_window: bool, project: Tensor | None,
                  roi: tuple[np.ndarray, np.ndarray] | None = None):
@@ -478,13 +525,7 @@ def _snip_window(spectra: Tensor, offset: float, slope: float, quadratic: float,
     if engine not in _ENGINES:
         raise InputError(f"SNIP engine must be one of {', '.join(_ENGINES)}; got {engine!r}")
     n = spectra.shape[-1]
-    first, last = int(window[0]), int(window[1])
-    if not 0 <= first <= last < n:
-        raise InputError(f"SNIP window {window} lies outside the {n} channels")
-    if not slope > 0:
-        raise InputError(f"SNIP needs a positive energy slope, got {slope}")
-    if not width >= 0:
-        raise InputError(f"SNIP width must be >= 0, got {width}")
+    first, last = _checked(n, window, slope, width)
     if not spectra.is_floating_point():
         spectra = spectra.to(torch.get_default_dtype())
     cpu_compiled = spectra.device.type == "cpu" and spectra.dtype in (torch.float32, torch.float64)
@@ -502,17 +543,9 @@ def _snip_window(spectra: Tensor, offset: float, slope: float, quadratic: float,
                   else "blocked" if spectra.device.type == "cpu" else "pointer")
         if engine == "pointer" and spectra.device.type == "cuda":
             _warn_pointer_fallback(str(spectra.device))
-    a, b = max(first - 2, 0), min(last + 3, n)  # the crop: window plus the smoothing's reach
+    a, b, widths, lo_limit, up_limit = _passes(n, offset, slope, quadratic, width, first, last, spectra.dtype,
+                                               spectra.device)
     a0, b0 = max(a - 2, 0), min(b + 2, n)
-    w_full = snip_widths(n, offset, slope, quadratic, width, dtype=spectra.dtype, device=spectra.device).reshape(-1)
-    w = w_full[a:b]
-    lo_limit, up_limit = first - a, last - a
-    widths = [w, w]  # two passes at the full width, then one per width while the widest is >= 0.5
-    top = float(w_full.max())  # the number of passes follows the whole spectrum's widest window
-    while top >= 0.5:
-        widths.append(w)
-        w = w / math.sqrt(2.0)
-        top = top / math.sqrt(2.0)
     lead = spectra.shape[:-1]
     if engine == "kernel":  # one kernel, a thread per spectrum, over channel-major data
         x = spectra[..., a0:b0].reshape(-1, b0 - a0).T.contiguous()  # [C, P]

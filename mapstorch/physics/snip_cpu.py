@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 from mapstorch.errors import InputError
 from mapstorch.parallel import run_chunks
 
-__all__ = ["chunk_size", "nonzeros_by_row", "snip_window_cpu", "sweep_steps"]
+__all__ = ["SnipPlan", "chunk_size", "nonzeros_by_row", "snip_window_cpu", "sweep_steps"]
 
 _TILE = 16  # the transpose's tile: 16 x 16 values
 _SLAB_BYTES = 9 << 16  # a chunk's [Cw, chunk] slab: at most 576 KiB, about half of a core's L2 cache
@@ -52,11 +52,11 @@ def chunk_size(n_window: int, itemsize: int) -> int:
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts):  # pragma: no cover - compiled
+def _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts, q0):  # pragma: no cover - compiled
     """Spectra ``p0 .. p0 + nb - 1`` of ``x [P, C]``: their crop ``first - 2 .. last + 2``
     transposed into the scratch ``t [>= n_x, >= nb]``, ``boxcar + 1`` of the window channels into
     ``v [Cw, >= nb]``, and (when ``counts`` has rows) the window's counts into
-    ``counts[:, p0:p0 + nb]``."""
+    ``counts[:, q0:q0 + nb]``."""
     n = x.shape[1]
     xa = max(first - 2, 0)
     n_x = min(last + 3, n) - xa
@@ -97,7 +97,7 @@ def _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts):  # pragma: no
                 out[j] = one  # boxcar 0, plus 1
         if with_counts:
             src_row = t[r, :nb]
-            dst_row = counts[c, p0:p0 + nb]
+            dst_row = counts[c, q0:q0 + nb]
             for j in range(nb):
                 dst_row[j] = src_row[j]
 
@@ -336,6 +336,120 @@ def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_li
     return tuple(np.ascontiguousarray(np.concatenate(t)) for t in (ch, lo, hi))
 
 
+class SnipPlan:
+    """The validated constants of a compiled SNIP over the window ``first..last`` of spectra
+    with ``n`` channels (``channel_major``: stored ``[C, P]``), and its work on one chunk of
+    spectra (:meth:`chunk`), which :func:`snip_window_cpu` and the map fit's fused pass
+    (:mod:`mapstorch.maps.nnls_fused_cpu`) share out to threads.
+
+    steps : the clipping steps ``(channel, lo, hi)`` in window channels (:func:`sweep_steps`);
+    project : ``[Cw, K]`` or None, the matrix the net counts are projected on; roi : the ROI
+    windows ``(first, last)`` (channel arrays) or None.
+    """
+
+    def __init__(self, n: int, first: int, last: int, steps, dtype, channel_major: bool = False,
+                 project: np.ndarray | None = None, roi: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        if not 0 <= first <= last < n:
+            raise InputError(f"SNIP window ({first}, {last}) lies outside the {n} channels")
+        self.n, self.first, self.last, self.channel_major = n, first, last, channel_major
+        self.n_w = n_w = last - first + 1
+        chan, lo, hi = (np.ascontiguousarray(s, dtype=np.int64) for s in steps)
+        if not chan.shape == lo.shape == hi.shape or chan.ndim != 1:
+            raise InputError(f"SNIP sweep steps must be three int arrays [steps] of one length, got shapes "
+                             f"{chan.shape}, {lo.shape}, {hi.shape}")
+        if chan.size and (min(chan.min(), lo.min(), hi.min()) < 0 or max(chan.max(), lo.max(), hi.max()) >= n_w):
+            raise InputError(f"SNIP sweep steps reach outside the {n_w}-channel window")
+        self.steps = (chan, lo, hi)
+        self.dtype = np.dtype(dtype)
+        kind = self.dtype.type
+        self.fifth, self.one, self.half = kind(0.2), kind(1.0), kind(0.5)
+        self.xa = xa = max(first - 2, 0)  # the crop of pixel-major spectra: the window and the smoothing's reach
+        self.n_x = min(last + 3, n) - xa
+        self.r0 = first - xa  # the crop row of window channel 0
+        self.chunk = chunk_size(n_w, self.dtype.itemsize)
+        self.n_k = 0
+        self.net = np.zeros(n_w, dtype=np.bool_)
+        if project is not None:
+            project = np.asarray(project)
+            if project.ndim != 2 or project.shape[0] != n_w:
+                raise InputError(f"the matrix to project the net counts on must be [{n_w}, K] (window channels "
+                                 f"first), got {project.shape}")
+            self.cptr, self.cval, self.crow = nonzeros_by_row(np.ascontiguousarray(project.T), self.dtype)  # by column
+            self.net = np.asarray((project != 0).any(1))  # the channels the projections read
+            self.n_k = project.shape[1]
+        self.project = project is not None
+        self.roi = roi is not None
+        if roi is not None:
+            r_lo, r_hi = (np.ascontiguousarray(v, dtype=np.int64) for v in roi)
+            if r_lo.shape != r_hi.shape or r_lo.ndim != 1 or (r_lo.size and (r_lo.min() < 0 or r_hi.max() >= n
+                                                                              or (r_lo > r_hi).any())):
+                raise InputError(f"ROI windows must be (first, last) channel arrays of one length within the {n} "
+                                 f"channels, first <= last; got {r_lo.tolist()}, {r_hi.tolist()}")
+            self.r_lo, self.r_hi = r_lo, r_hi
+            # windows the chunk's crop holds are summed with it; others (pixel-major) from the spectra
+            self.inside = np.ones(r_lo.size, dtype=bool) if channel_major else (r_lo >= xa) & (r_hi < xa + self.n_x)
+            self.in_lo, self.in_hi = r_lo[self.inside], r_hi[self.inside]
+
+    def scratch(self) -> tuple[np.ndarray, np.ndarray]:
+        """A thread's work arrays: the transposed crop ``t [n_x, chunk]`` (none for channel-major
+        spectra) and the slab ``[Cw, chunk]``."""
+        return (np.empty((0 if self.channel_major else self.n_x, self.chunk), dtype=self.dtype),
+                np.empty((self.n_w, self.chunk), dtype=self.dtype))
+
+    def chunk_work(self, x: np.ndarray, p0: int, nb: int, t: np.ndarray, slab: np.ndarray, out: np.ndarray, q0: int,
+                   counts: np.ndarray, proj: np.ndarray | None, roi_in: np.ndarray | None) -> np.ndarray:
+        """Spectra ``p0 .. p0 + nb - 1`` of ``x``: their background into ``out[:, q0:q0 + nb]``
+        (channel-major), the window's counts of pixel-major spectra into ``counts[:, q0:q0 + nb]``
+        (when it has rows), the projections into ``proj[:, q0:q0 + nb]`` and the ROI counts into
+        ``roi_in[:, q0:q0 + nb]`` where the plan has them. Returns the slab used, which holds the
+        net counts ``max(counts - background, 0)`` in the rows the projections read (else
+        ``background + 1``). Call within ``np.errstate(over="ignore", invalid="ignore",
+        divide="ignore")``."""
+        first, last, one = self.first, self.last, self.one
+        chan, lo, hi = self.steps
+        # NumPy's ufuncs on whole C-contiguous arrays, as in the blocked engine
+        v = slab if nb == slab.shape[1] else np.empty((self.n_w, nb), dtype=self.dtype)
+        if self.channel_major:
+            _load_chunk_cm(x, p0, nb, first, last, self.fifth, one, v)
+        else:
+            _load_chunk(x, p0, nb, first, last, self.fifth, one, t, v, counts, q0)
+        if self.roi and self.in_lo.size:  # the raw counts of the chunk, in the cache now
+            if self.channel_major:
+                _roi_chunk(x, 0, p0, nb, self.in_lo, self.in_hi, roi_in, q0)
+            else:
+                _roi_chunk(t, self.xa, 0, nb, self.in_lo, self.in_hi, roi_in, q0)
+        np.log(v, out=v)
+        v += one
+        np.log(v, out=v)
+        _sweep_chunk(v, nb, chan, lo, hi, self.half)
+        np.exp(v, out=v)
+        v -= one
+        np.exp(v, out=v)
+        if self.channel_major:  # the counts straight from the spectra's rows
+            _store_chunk(v, nb, one, out, q0, x, first, p0, self.net)
+        else:
+            _store_chunk(v, nb, one, out, q0, t, self.r0, 0, self.net)
+        if self.project:
+            _project_chunk(v, nb, self.cptr, self.cval, self.crow, proj, q0)
+        return v
+
+    def roi_outside(self, x: np.ndarray, roi_in: np.ndarray) -> np.ndarray:
+        """All ROI counts ``[R, P]`` float32: ``roi_in`` (the windows :meth:`chunk_work` summed)
+        and, for pixel-major spectra, the windows outside the crop summed from ``x``."""
+        roi_out = np.empty((self.r_lo.size, roi_in.shape[1]), dtype=np.float32)
+        roi_out[self.inside] = roi_in
+        for k in np.flatnonzero(~self.inside):
+            roi_out[k] = x[:, self.r_lo[k]:self.r_hi[k] + 1].sum(1, dtype=np.float64)
+        return roi_out
+
+
+def _check_spectra(x, channel_major: bool) -> None:
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype not in (np.float32, np.float64) \
+            or not x.flags.c_contiguous:
+        raise InputError(f"the compiled SNIP needs C-contiguous float32/float64 spectra {'[C, P]' if channel_major else '[P, C]'}, "
+                         f"got {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+
+
 def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarray, np.ndarray, np.ndarray],
                     with_counts: bool = False, n_threads: int = 1, project: np.ndarray | None = None,
                     channel_major: bool = False, roi: tuple[np.ndarray, np.ndarray] | None = None
@@ -357,80 +471,21 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     each chunk is in the cache (windows outside the SNIP's crop of pixel-major spectra are summed
     from the spectra afterwards). Runs on up to ``n_threads`` threads.
     """
-    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype not in (np.float32, np.float64) \
-            or not x.flags.c_contiguous:
-        raise InputError(f"the compiled SNIP needs C-contiguous float32/float64 spectra {'[C, P]' if channel_major else '[P, C]'}, "
-                         f"got {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    _check_spectra(x, channel_major)
     n, n_pix = x.shape if channel_major else x.shape[::-1]
-    if not 0 <= first <= last < n:
-        raise InputError(f"SNIP window ({first}, {last}) lies outside the {n} channels")
-    n_w = last - first + 1
-    chan, lo, hi = (np.ascontiguousarray(s, dtype=np.int64) for s in steps)
-    if not chan.shape == lo.shape == hi.shape or chan.ndim != 1:
-        raise InputError(f"SNIP sweep steps must be three int arrays [steps] of one length, got shapes "
-                         f"{chan.shape}, {lo.shape}, {hi.shape}")
-    if chan.size and (min(chan.min(), lo.min(), hi.min()) < 0 or max(chan.max(), lo.max(), hi.max()) >= n_w):
-        raise InputError(f"SNIP sweep steps reach outside the {n_w}-channel window")
-    dtype = x.dtype.type
-    fifth, one, half = dtype(0.2), dtype(1.0), dtype(0.5)
+    plan = SnipPlan(n, first, last, steps, x.dtype, channel_major, project, roi)
+    n_w, chunk = plan.n_w, plan.chunk
     out = np.empty((n_w, n_pix), dtype=x.dtype)
     counts = np.empty((n_w, n_pix) if with_counts and not channel_major else (0, 0), dtype=x.dtype)
-    r0 = first - max(first - 2, 0)  # the crop row of window channel 0
-    chunk = chunk_size(n_w, x.dtype.itemsize)
-    if project is not None:
-        project = np.asarray(project)
-        if project.ndim != 2 or project.shape[0] != n_w:
-            raise InputError(f"the matrix to project the net counts on must be [{n_w}, K] (window channels first), "
-                             f"got {project.shape}")
-        cptr, cval, crow = nonzeros_by_row(np.ascontiguousarray(project.T), x.dtype)  # column by column
-        net = np.asarray((project != 0).any(1))  # the channels the projections read
-        proj = np.empty((project.shape[1], n_pix), dtype=x.dtype)
-    else:
-        net = np.zeros(n_w, dtype=np.bool_)
-    n_x = min(last + 3, n) - max(first - 2, 0)
-    xa = max(first - 2, 0)
-    if roi is not None:
-        r_lo, r_hi = (np.ascontiguousarray(v, dtype=np.int64) for v in roi)
-        if r_lo.shape != r_hi.shape or r_lo.ndim != 1 or (r_lo.size and (r_lo.min() < 0 or r_hi.max() >= n
-                                                                          or (r_lo > r_hi).any())):
-            raise InputError(f"ROI windows must be (first, last) channel arrays of one length within the {n} "
-                             f"channels, first <= last; got {r_lo.tolist()}, {r_hi.tolist()}")
-        roi_out = np.empty((r_lo.size, n_pix), dtype=np.float32)
-        inside = np.ones(r_lo.size, dtype=bool) if channel_major else (r_lo >= xa) & (r_hi < xa + n_x)
-        in_lo, in_hi = r_lo[inside], r_hi[inside]
-        roi_in = np.empty((in_lo.size, n_pix), dtype=np.float32)
+    proj = np.empty((plan.n_k, n_pix), dtype=x.dtype) if project is not None else None
+    roi_in = np.empty((plan.in_lo.size, n_pix), dtype=np.float32) if roi is not None else None
 
     def work(chunks):
-        t = np.empty((0 if channel_major else n_x, chunk), dtype=x.dtype)  # this thread's scratch and slab
-        slab = np.empty((n_w, chunk), dtype=x.dtype)
+        t, slab = plan.scratch()  # this thread's
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for i in chunks:
                 p0 = i * chunk
-                nb = min(chunk, n_pix - p0)
-                # NumPy's ufuncs on whole C-contiguous arrays, as in the blocked engine
-                v = slab if nb == chunk else np.empty((n_w, nb), dtype=x.dtype)
-                if channel_major:
-                    _load_chunk_cm(x, p0, nb, first, last, fifth, one, v)
-                else:
-                    _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts)
-                if roi is not None and in_lo.size:  # the raw counts of the chunk, in the cache now
-                    if channel_major:
-                        _roi_chunk(x, 0, p0, nb, in_lo, in_hi, roi_in, p0)
-                    else:
-                        _roi_chunk(t, xa, 0, nb, in_lo, in_hi, roi_in, p0)
-                np.log(v, out=v)
-                v += one
-                np.log(v, out=v)
-                _sweep_chunk(v, nb, chan, lo, hi, half)
-                np.exp(v, out=v)
-                v -= one
-                np.exp(v, out=v)
-                if channel_major:  # the counts straight from the spectra's rows
-                    _store_chunk(v, nb, one, out, p0, x, first, p0, net)
-                else:
-                    _store_chunk(v, nb, one, out, p0, t, r0, 0, net)
-                if project is not None:
-                    _project_chunk(v, nb, cptr, cval, crow, proj, p0)
+                plan.chunk_work(x, p0, min(chunk, n_pix - p0), t, slab, out, p0, counts, proj, roi_in)
 
     run_chunks(work, -(-n_pix // chunk), n_threads, name="mapstorch-snip")
     if channel_major and with_counts:
@@ -438,7 +493,4 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     result = (out, counts if with_counts else None) + ((proj,) if project is not None else ())
     if roi is None:
         return result
-    roi_out[inside] = roi_in
-    for k in np.flatnonzero(~inside):  # windows outside the crop (pixel-major): from the spectra
-        roi_out[k] = x[:, r_lo[k]:r_hi[k] + 1].sum(1, dtype=np.float64)
-    return result + (roi_out,)
+    return result + (plan.roi_outside(x, roi_in),)

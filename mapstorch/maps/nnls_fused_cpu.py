@@ -1,0 +1,161 @@
+"""The NNLS fit of a map's chunk on the CPU, a group of pixels at a time while its spectra are
+in the cache (numba kernels of :mod:`snip_cpu`, :mod:`nnls_cpu` and :mod:`chi2_cpu`).
+
+Done step by step over a whole chunk, the fit writes the chunk's SNIP background and its
+window's counts channel-major (two ``[Cw, P]`` arrays, 4 kB per pixel each for a 1000-channel
+window), then reads both back for the chi-square and the Fisher information, and once more for
+the integrated background: memory traffic that cost about a third of the SNIP's time on a map
+larger than the caches. Here each thread takes a group of :data:`GROUP` pixels through every
+step: the SNIP and the projections of the net counts (a cache-sized chunk of spectra at a time,
+into the group's own background and counts arrays, reused from group to group, so they stay in
+the caches), the NNLS iterations, the chi-square and standard errors, the group's share of the
+integrated background. Only per-pixel results leave the group.
+
+The numbers are those of the step-by-step path (:func:`mapstorch.maps.fit._fit_chunk`) with
+the same kernels, except the NNLS start, the unconstrained solution clipped at 0, whose sums
+run here in index order (a BLAS product rounds differently in the last bits), and the integrated
+background, summed here in float64: amplitudes agree to the solver's tolerance.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from mapstorch.maps import chi2_cpu, nnls_cpu, spd_cpu
+from mapstorch.parallel import run_chunks
+from mapstorch.physics.snip_cpu import SnipPlan, nonzeros_by_row
+
+__all__ = ["GROUP", "fit_nnls_cpu"]
+
+GROUP = 512  # pixels per group: the Fisher information's block (spd_cpu._FISHER_PIXELS)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _start(proj, norms, inverse, b, x, scale, p0, n):  # pragma: no cover - compiled
+    """For pixels ``p0 .. p0 + n - 1`` (column ``j`` of the group's projections ``proj [K, >= n]``
+    is pixel ``p0 + j``): ``b = proj.T / norms`` (the normalised right-hand side), ``scale =
+    ||b||`` and the start ``x = max(b @ inverse, 0)`` (NaN kept, as torch's clamp)."""
+    k = norms.shape[0]
+    zero = b.dtype.type(0)
+    for j in range(n):
+        p = p0 + j
+        acc = zero
+        for c in range(k):
+            v = proj[c, j] / norms[c]
+            b[p, c] = v
+            acc += v * v
+        scale[p] = np.sqrt(acc)
+        for c in range(k):
+            s = zero
+            for r in range(k):
+                s += b[p, r] * inverse[r, c]
+            x[p, c] = zero if s < zero else s
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _finite_sums(bg, n, a, chi, p0, out):  # pragma: no cover - compiled
+    """``out[c] = sum_j bg[c, j]`` (float64) over the group's pixels ``j < n`` whose amplitudes
+    ``a[p0 + j]`` and chi-square ``chi[p0 + j]`` are finite (what the integrated background
+    counts; the background itself is always finite). Eight partial sums per channel, pixel ``j``
+    in sum ``j % 8``, added in order at the end: a fixed order, whatever the threads."""
+    k = a.shape[1]
+    keep = np.zeros(n, dtype=np.float64)
+    for j in range(n):
+        ok = np.isfinite(chi[p0 + j])
+        for c in range(k):
+            ok = ok and np.isfinite(a[p0 + j, c])
+        keep[j] = 1.0 if ok else 0.0
+    n8 = n - n % 8
+    for c in range(bg.shape[0]):
+        row = bg[c]
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0  # eight independent chains of additions
+        for j in range(0, n8, 8):
+            s0 += np.float64(row[j]) * keep[j]
+            s1 += np.float64(row[j + 1]) * keep[j + 1]
+            s2 += np.float64(row[j + 2]) * keep[j + 2]
+            s3 += np.float64(row[j + 3]) * keep[j + 3]
+            s4 += np.float64(row[j + 4]) * keep[j + 4]
+            s5 += np.float64(row[j + 5]) * keep[j + 5]
+            s6 += np.float64(row[j + 6]) * keep[j + 6]
+            s7 += np.float64(row[j + 7]) * keep[j + 7]
+        for j in range(n8, n):
+            s0 += np.float64(row[j]) * keep[j]
+        out[c] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+def fit_nnls_cpu(x: np.ndarray, plan: SnipPlan, design: np.ndarray, pairs: np.ndarray, norms: np.ndarray,
+                 gram: np.ndarray, lip: float, inverse: np.ndarray, tol: float, max_iter: int, n_threads: int = 1
+                 ) -> dict[str, object]:
+    """XRF-Maps' NNLS map fit of the spectra ``x`` (``[P, C]``, or ``[C, P]`` with the plan's
+    ``channel_major``; C-contiguous, the plan's dtype) on up to ``n_threads`` threads.
+
+    plan : the SNIP's (:func:`mapstorch.physics.snip.compiled_plan`), projecting the net counts
+    on ``design [Cw, K]``; pairs : the products of the design's columns ``[Cw, K (K + 1) / 2]``
+    (as ``torch.triu_indices``); ``norms, gram, lip, inverse``: :func:`solvers.nnls_setup`'s.
+
+    Returns ``a [P, K]`` (amplitudes of the design's columns; not iterated, not converged, NaN
+    where a pixel's counts are not finite), ``iterations [P]``, ``converged [P]``, ``chi2 [P]``
+    (Pearson's, float64, with the weights ``1 / max(m, 1)``), ``stderr [P, K]`` and ``ok [P]``
+    (:func:`chi2_cpu.model_chi2_stderr`'s), ``roi [R, P]`` where the plan sums ROI windows,
+    ``background_sum [Cw]`` (float64, over the pixels whose ``a`` and ``chi2`` are finite) and
+    ``failed`` ``{pixel: its background [Cw]}`` for the pixels whose information is not positive
+    definite (``ok`` False; their errors are left to the caller).
+    """
+    if not plan.project or plan.n_k != design.shape[1]:
+        raise ValueError("fit_nnls_cpu: the SNIP plan must project the net counts on the design's columns")
+    dtype = plan.dtype
+    n_w, k = design.shape
+    n_pix = x.shape[1] if plan.channel_major else x.shape[0]
+    design = np.ascontiguousarray(design, dtype=dtype)
+    dptr, dval, dcol = nonzeros_by_row(design, dtype)
+    qptr, qpair, qcoef = spd_cpu.quad_table(np.ascontiguousarray(pairs, dtype=dtype))
+    where, _ = spd_cpu._packing(k)
+    norms, gram, inverse = (np.ascontiguousarray(v, dtype=dtype) for v in (norms, gram, inverse))
+    step, limit = dtype.type(lip), dtype.type(tol)
+    rel = spd_cpu._rel(design)
+    b = np.empty((n_pix, k), dtype=dtype)
+    a = np.empty((n_pix, k), dtype=dtype)
+    scale = np.empty(n_pix, dtype=dtype)
+    iters = np.zeros(n_pix, dtype=np.int64)
+    done = np.zeros(n_pix, dtype=np.bool_)
+    chi = np.empty(n_pix, dtype=np.float64)
+    se = np.empty((n_pix, k), dtype=dtype)
+    ok = np.empty(n_pix, dtype=np.bool_)
+    active = np.empty((n_pix, k), dtype=np.bool_)
+    roi_in = np.empty((plan.in_lo.size, n_pix), dtype=np.float32) if plan.roi else None
+    n_groups = -(-n_pix // GROUP)
+    sums = np.zeros((n_groups, n_w), dtype=np.float64)
+    failed: dict[int, np.ndarray] = {}
+
+    def work(groups):
+        t, slab = plan.scratch()  # this thread's work arrays, reused from group to group
+        bg = np.empty((n_w, GROUP), dtype=dtype)
+        counts = np.empty((0, 0) if plan.channel_major else (n_w, GROUP), dtype=dtype)
+        proj = np.empty((k, GROUP), dtype=dtype)
+        for g in groups:
+            g0 = g * GROUP
+            n = min(GROUP, n_pix - g0)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                for q0 in range(0, n, plan.chunk):
+                    plan.chunk_work(x, g0 + q0, min(plan.chunk, n - q0), t, slab, bg, q0, counts, proj,
+                                    None if roi_in is None else roi_in[:, g0:g0 + n])
+            _start(proj, norms, inverse, b, a, scale, g0, n)
+            nnls_cpu._fista(gram, b, a, scale, step, limit, int(max_iter), g0, g0 + n, iters, done)
+            amp = a[g0:g0 + n]
+            amp /= norms
+            act = active[g0:g0 + n]
+            np.greater(amp, 0, out=act)
+            y = x[plan.first:plan.last + 1, g0:g0 + n] if plan.channel_major else counts
+            chi2_cpu._pass_stderr(dval, dcol, dptr, np.ascontiguousarray(amp.T), bg, y, qptr, qpair, qcoef, act,
+                                  where, 0, n, chi[g0:g0 + n], se[g0:g0 + n], ok[g0:g0 + n], rel)
+            _finite_sums(bg, n, a, chi, g0, sums[g])
+            for j in np.flatnonzero(~ok[g0:g0 + n]):  # rare: collinear columns; the caller's pseudo-inverse
+                failed[g0 + int(j)] = bg[:, j].copy()
+
+    run_chunks(work, n_groups, n_threads, name="mapstorch-nnls-map")
+    out: dict[str, object] = {"a": a, "iterations": iters, "converged": done, "chi2": chi, "stderr": se, "ok": ok,
+                              "background_sum": sums.sum(0), "failed": failed}
+    if plan.roi:
+        out["roi"] = plan.roi_outside(x, roi_in)
+    return out

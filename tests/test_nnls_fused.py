@@ -1,0 +1,113 @@
+"""The nnls map fit in one pass per group of pixels (mapstorch.maps.nnls_fused_cpu) against the
+step-by-step path (SNIP of the whole chunk, NNLS, chi-square and errors, each over the chunk):
+the same maps to the solver's tolerance, the same ROI counts, the same bits on any thread count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mapstorch.maps.fit as fit_module
+from mapstorch.maps import fit_map, nnls_fused_cpu
+from mapstorch.synthetic import map_dataset, simulate_map
+
+pytest.importorskip("numba")
+
+
+def _chunk_args(rows=4, cols=200, dtype=torch.float32):
+    """The arguments ``fit_map`` gives ``_fit_chunk`` for a whole synthetic map (one chunk)."""
+    sim = simulate_map(rows=rows, cols=cols, seed=5)
+    seen = []
+    real = fit_module._fit_chunk
+
+    def record(*args, **kwargs):
+        seen.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    fit_module._fit_chunk = record
+    try:
+        fit_map(map_dataset(sim), sim.params, method="nnls", chunk_rows=rows, dtype=dtype)
+    finally:
+        fit_module._fit_chunk = real
+    (args, kwargs), = seen
+    return list(args), kwargs
+
+
+def _both(args, kwargs, monkeypatch):
+    monkeypatch.setattr(fit_module, "_fused_usable", lambda *a: False)
+    steps = fit_module._fit_chunk(*args, **kwargs)
+    monkeypatch.undo()
+    assert fit_module._fused_usable(args[0], args[1])
+    return fit_module._fit_chunk(*args, **kwargs), steps
+
+
+def _assert_close(fused, steps, rtol):
+    assert set(fused) == set(steps)
+    np.testing.assert_array_equal(fused["status"], steps["status"])
+    np.testing.assert_array_equal(fused["roi"], steps["roi"])
+    np.testing.assert_array_equal(fused["total_counts"], steps["total_counts"])
+    ok = steps["status"] == 0
+    for key in ("counts", "amplitudes"):  # the solver stops within its tolerance of the optimum
+        scale = np.abs(steps[key][:, ok]).max(1, keepdims=True)
+        np.testing.assert_allclose(fused[key][:, ok], steps[key][:, ok], rtol=0, atol=1e-4 * float(scale.max()))
+    np.testing.assert_allclose(fused["rchi2"][ok], steps["rchi2"][ok], rtol=rtol)
+    for key in ("stderr", "amplitudes_stderr"):
+        both = np.isfinite(steps[key]) & np.isfinite(fused[key])
+        assert (np.isfinite(steps[key]) == np.isfinite(fused[key])).mean() > 0.99
+        np.testing.assert_allclose(fused[key][both], steps[key][both], rtol=rtol)
+    for key in ("integrated_fit", "integrated_background"):
+        np.testing.assert_allclose(fused[key], steps[key], rtol=1e-4, atol=1e-6 * float(np.abs(steps[key]).max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["pixel-major", "channel-major"])
+def test_fused_equals_step_by_step(monkeypatch, dtype, layout):
+    # 4 x 200 pixels: a group of 512 and a part group; one damaged pixel (NaN) and an empty one
+    args, kwargs = _chunk_args(dtype=dtype)
+    y = args[0].clone()
+    y[7, 500] = float("nan")
+    y[9] = 0.0
+    if layout == "channel-major":
+        y = y.T.contiguous().T
+    args[0] = y
+    fused, steps = _both(args, kwargs, monkeypatch)
+    assert fused["status"][7] == 2 and steps["status"][7] == 2  # non-finite: reported, 0 in the maps
+    assert fused["counts"][:, 7].tolist() == [0.0] * fused["counts"].shape[0]
+    assert (fused["counts"][:, 9] == 0).all() and (fused["status"] != 2).sum() == y.shape[0] - 1
+    _assert_close(fused, steps, rtol=1e-3 if dtype == torch.float32 else 1e-6)
+
+
+def test_fused_same_bits_on_any_thread_count_and_group_size(monkeypatch):
+    args, kwargs = _chunk_args(rows=5, cols=220)
+    runs = []
+    for threads, group in ((1, 512), (2, 512), (2, 128)):
+        monkeypatch.setattr(nnls_fused_cpu, "GROUP", group)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append(fit_module._fit_chunk(*args, **kwargs))
+        finally:
+            torch.set_num_threads(before)
+    for other in runs[1:]:
+        for key, value in runs[0].items():
+            if key == "integrated_background" or key == "integrated_fit":  # per-group float64 sums
+                np.testing.assert_allclose(other[key], value, rtol=1e-12)
+            else:
+                np.testing.assert_array_equal(other[key], value, err_msg=key)
+
+
+def test_fused_collinear_columns_get_the_pseudo_inverse_errors(monkeypatch):
+    """Two identical design columns: no pixel's information is positive definite where both are
+    in use; the errors there come from the pseudo-inverse, as on the step-by-step path."""
+    args, kwargs = _chunk_args(rows=2, cols=64)
+    design = args[1]
+    args[1] = torch.cat([design, design[:, -1:]], 1)
+    args[2] = torch.cat([args[2], args[2][-1:]])
+    fused, steps = _both(args, kwargs, monkeypatch)
+    seen = []
+    real = nnls_fused_cpu.fit_nnls_cpu
+    monkeypatch.setattr(nnls_fused_cpu, "fit_nnls_cpu", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    fit_module._fit_chunk(*args, **kwargs)
+    assert seen[0]["failed"] and not seen[0]["ok"].all()
+    _assert_close(fused, steps, rtol=1e-3)
