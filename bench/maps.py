@@ -10,7 +10,8 @@ calibration, components, fit window and incident energy:
   runs): per-pixel SNIP background (XRF-Maps' recipe, ``SNIP_WIDTH`` of the parameters), then
   non-negative least squares of every pixel on the fixed design matrix. The Dataset reads the
   HDF5 file lazily, a block of rows at a time, so the timing includes reading the spectra (from
-  the page cache). A one-row warm-up fit runs first, untimed.
+  the page cache; ``mapstorch.io.h5chunks`` memory-maps a contiguous dataset's block of rows,
+  so its pages are read in as the fit first touches them). A one-row warm-up fit runs first, untimed.
 * PyMca5 (``bench/.venv-pymca``, script ``_pymca_fast.py``): ``FastXRFLinearFit.fitMultipleSpectra``
   with SNIP background (``stripflag = 1``, ``stripalgorithm = 1``), which FastXRFLinearFit computes
   and subtracts for every pixel, then an unweighted linear least-squares fit with PyMca's refit of

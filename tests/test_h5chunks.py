@@ -105,6 +105,28 @@ def test_contiguous_datasets_are_read_in_pieces(tmp_path, monkeypatch, decoded):
         np.testing.assert_array_equal(h5chunks.read_block(d, (slice(5, 31), slice(None), slice(None))), data[5:31])
 
 
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2"])
+def test_contiguous_slabs_are_memory_mapped(tmp_path, monkeypatch, decoded, dtype):
+    """Large slabs of whole rows of a contiguous dataset are mapped, not read: h5py's values, a
+    private copy on write (the file keeps its bytes), and a file cut short is an OSError."""
+    monkeypatch.setattr(h5chunks, "_MIN_MAP_BYTES", 0)
+    monkeypatch.setattr(h5chunks.os, "preadv", lambda *a: pytest.fail("a mapped slab is not read"))
+    data = _values((40, 7, 33), dtype)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("x", data=data)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        got = h5chunks.read_block(f["x"], (slice(5, 31), slice(None), slice(None)))
+        np.testing.assert_array_equal(got, data[5:31])
+        assert got.dtype == np.dtype(dtype) and type(got) is np.ndarray
+        got[0, 0, 0] = 99  # writable, privately
+        np.testing.assert_array_equal(h5chunks.read_block(f["x"], (slice(0, 40), slice(None), slice(None))), data)
+        np.testing.assert_array_equal(f["x"][5], data[5])
+        with open(tmp_path / "d.h5", "r+b") as fh:  # cut inside the dataset while it is open
+            fh.truncate(f["x"].id.get_offset() + data[:20].nbytes)
+        with pytest.raises(OSError, match="ends short"):
+            h5chunks.read_block(f["x"], (slice(10, 40), slice(None), slice(None)))
+
+
 def test_a_chunk_never_written_reads_as_its_fill_value(tmp_path, decoded):
     with h5py.File(tmp_path / "d.h5", "w") as f:
         d = f.create_dataset("x", shape=(16, 4, 3), dtype="<f4", chunks=(16, 1, 3), compression="gzip", fillvalue=-1.0)
