@@ -131,7 +131,7 @@ def fit_nnls_cpu(x: np.ndarray, plan: SnipPlan, design: np.ndarray, pairs: np.nd
     def work(groups):
         t, slab = plan.scratch()  # this thread's work arrays, reused from group to group
         bg = np.empty((n_w, GROUP), dtype=dtype)
-        counts = np.empty((0, 0) if plan.channel_major else (n_w, GROUP), dtype=dtype)
+        counts = np.empty((n_w, GROUP), dtype=dtype)  # the window's counts, channel-major and contiguous
         proj = np.empty((k, GROUP), dtype=dtype)
         for g in groups:
             g0 = g * GROUP
@@ -146,8 +146,7 @@ def fit_nnls_cpu(x: np.ndarray, plan: SnipPlan, design: np.ndarray, pairs: np.nd
             amp /= norms
             act = active[g0:g0 + n]
             np.greater(amp, 0, out=act)
-            y = x[plan.first:plan.last + 1, g0:g0 + n] if plan.channel_major else counts
-            chi2_cpu._pass_stderr(dval, dcol, dptr, np.ascontiguousarray(amp.T), bg, y, qptr, qpair, qcoef, act,
+            chi2_cpu._pass_stderr(dval, dcol, dptr, np.ascontiguousarray(amp.T), bg, counts, qptr, qpair, qcoef, act,
                                   where, 0, n, chi[g0:g0 + n], se[g0:g0 + n], ok[g0:g0 + n], rel)
             _finite_sums(bg, n, a, chi, g0, sums[g])
             for j in np.flatnonzero(~ok[g0:g0 + n]):  # rare: collinear columns; the caller's pseudo-inverse

@@ -103,11 +103,13 @@ def _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts, q0):  # pragma
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _load_chunk_cm(xc, p0, nb, first, last, fifth, one, v):  # pragma: no cover - compiled
+def _load_chunk_cm(xc, p0, nb, first, last, fifth, one, v, counts, q0):  # pragma: no cover - compiled
     """:func:`_load_chunk` for channel-major spectra ``xc [C, P]``: ``boxcar + 1`` of the window
     channels of spectra ``p0 .. p0 + nb - 1`` into ``v [Cw, >= nb]``, read straight from the
-    channel rows (no transposition), with the same float operations."""
+    channel rows (no transposition), with the same float operations; (when ``counts`` has rows)
+    the window's counts into ``counts[:, q0:q0 + nb]``."""
     n = xc.shape[0]
+    with_counts = counts.shape[0] > 0
     for c in range(last - first + 1):
         k = first + c
         out = v[c, :nb]
@@ -122,6 +124,11 @@ def _load_chunk_cm(xc, p0, nb, first, last, fifth, one, v):  # pragma: no cover 
         else:
             for j in range(nb):
                 out[j] = one
+        if with_counts:
+            src_row = xc[k, p0:p0 + nb]
+            dst_row = counts[c, q0:q0 + nb]
+            for j in range(nb):
+                dst_row[j] = src_row[j]
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
@@ -399,8 +406,7 @@ class SnipPlan:
     def chunk_work(self, x: np.ndarray, p0: int, nb: int, t: np.ndarray, slab: np.ndarray, out: np.ndarray, q0: int,
                    counts: np.ndarray, proj: np.ndarray | None, roi_in: np.ndarray | None) -> np.ndarray:
         """Spectra ``p0 .. p0 + nb - 1`` of ``x``: their background into ``out[:, q0:q0 + nb]``
-        (channel-major), the window's counts of pixel-major spectra into ``counts[:, q0:q0 + nb]``
-        (when it has rows), the projections into ``proj[:, q0:q0 + nb]`` and the ROI counts into
+        (channel-major), the window's counts into ``counts[:, q0:q0 + nb]`` (when it has rows), the projections into ``proj[:, q0:q0 + nb]`` and the ROI counts into
         ``roi_in[:, q0:q0 + nb]`` where the plan has them. Returns the slab used, which holds the
         net counts ``max(counts - background, 0)`` in the rows the projections read (else
         ``background + 1``). Call within ``np.errstate(over="ignore", invalid="ignore",
@@ -410,7 +416,7 @@ class SnipPlan:
         # NumPy's ufuncs on whole C-contiguous arrays, as in the blocked engine
         v = slab if nb == slab.shape[1] else np.empty((self.n_w, nb), dtype=self.dtype)
         if self.channel_major:
-            _load_chunk_cm(x, p0, nb, first, last, self.fifth, one, v)
+            _load_chunk_cm(x, p0, nb, first, last, self.fifth, one, v, counts, q0)
         else:
             _load_chunk(x, p0, nb, first, last, self.fifth, one, t, v, counts, q0)
         if self.roi and self.in_lo.size:  # the raw counts of the chunk, in the cache now
@@ -476,7 +482,7 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     plan = SnipPlan(n, first, last, steps, x.dtype, channel_major, project, roi)
     n_w, chunk = plan.n_w, plan.chunk
     out = np.empty((n_w, n_pix), dtype=x.dtype)
-    counts = np.empty((n_w, n_pix) if with_counts and not channel_major else (0, 0), dtype=x.dtype)
+    counts = np.empty((n_w, n_pix) if with_counts and not channel_major else (0, 0), dtype=x.dtype)  # channel-major: a view
     proj = np.empty((plan.n_k, n_pix), dtype=x.dtype) if project is not None else None
     roi_in = np.empty((plan.in_lo.size, n_pix), dtype=np.float32) if roi is not None else None
 
