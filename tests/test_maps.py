@@ -421,19 +421,26 @@ def test_cli_map_writes_the_xrfmaps_layout(tmp_path):
     assert not (tmp_path / "maps.h5.partial").exists()
 
 
-def test_killed_run_leaves_no_output_and_resumes(tmp_path):
+def _map_run_stopped(tmp_path, sig, after_chunks):
+    """A ``mapstorch map`` run over 24 one-row chunks, sent ``sig`` once ``after_chunks`` chunks
+    are stored: ``(process, stderr, command, environment, output path, partial folder)``."""
     data, ovr = _write_inputs(tmp_path, rows=24, cols=24)
     out = tmp_path / "maps.h5"
     work = tmp_path / "maps.h5.partial"
     cmd = [sys.executable, "-m", "mapstorch", "map", str(data), "--override", str(ovr), "--out", str(out),
            "--chunk-rows", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob("chunk_*.npz"))) < 3 and proc.poll() is None:
+    while time.time() < deadline and len(list(work.glob("chunk_*.npz"))) < after_chunks and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc, err, cmd, env, out, work
+
+
+def test_killed_run_leaves_no_output_and_resumes(tmp_path):
+    proc, _, cmd, env, out, work = _map_run_stopped(tmp_path, signal.SIGKILL, 3)
     done_before = sorted(p.name for p in work.glob("chunk_*.npz"))
     assert 3 <= len(done_before) < 24, done_before
     assert not out.exists()
@@ -455,18 +462,7 @@ def test_killed_run_leaves_no_output_and_resumes(tmp_path):
 
 def test_interrupted_run_says_how_to_resume(tmp_path):
     """Ctrl-C (SIGINT): exit status 130, no output file, and the finished chunks are named."""
-    data, ovr = _write_inputs(tmp_path, rows=24, cols=24)
-    out = tmp_path / "maps.h5"
-    work = tmp_path / "maps.h5.partial"
-    cmd = [sys.executable, "-m", "mapstorch", "map", str(data), "--override", str(ovr), "--out", str(out),
-           "--chunk-rows", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob("chunk_*.npz"))) < 2 and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc, err, _, _, out, work = _map_run_stopped(tmp_path, signal.SIGINT, 2)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.rstrip().endswith("mapstorch: interrupted")
     kept = len(list(work.glob("chunk_*.npz")))
