@@ -111,3 +111,26 @@ def test_fused_collinear_columns_get_the_pseudo_inverse_errors(monkeypatch):
     fit_module._fit_chunk(*args, **kwargs)
     assert seen[0]["failed"] and not seen[0]["ok"].all()
     _assert_close(fused, steps, rtol=1e-3)
+
+
+def test_a_failing_fused_pass_falls_back_to_the_steps_once(monkeypatch, caplog):
+    args, kwargs = _chunk_args(rows=2, cols=64)
+    monkeypatch.setattr(fit_module, "_fused_usable", lambda *a: False)
+    want = fit_module._fit_chunk(*args, **kwargs)
+    monkeypatch.undo()
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("numba could not compile this here")
+
+    monkeypatch.setattr(nnls_fused_cpu, "fit_nnls_cpu", broken)
+    monkeypatch.setattr(fit_module, "_fused_failure", None)
+    with caplog.at_level("WARNING", logger="mapstorch.maps.fit"):
+        got = fit_module._fit_chunk(*args, **kwargs)
+        again = fit_module._fit_chunk(*args, **kwargs)
+    assert calls == [1]  # not tried again
+    assert sum("compiled nnls pass failed" in r.message for r in caplog.records) == 1
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+        np.testing.assert_array_equal(again[key], want[key])

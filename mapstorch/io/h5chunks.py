@@ -281,16 +281,19 @@ def _read_chunks(fd: int, offsets: list[int], sizes: list[int], i0: int, i1: int
         i = j
 
 
-def _mapped(path: str, first: int, total: int, shape, dtype) -> np.ndarray:
+def _mapped(path: str, first: int, total: int, shape, dtype) -> np.ndarray | None:
     """Bytes ``first .. first + total - 1`` of the file as an array ``shape`` of ``dtype``,
     memory-mapped copy-on-write (writes to it stay in this process): no copy from the page cache,
     the pages read in as they are first touched (the kernel told to read the range ahead). The
     mapping lives as long as the array or a view of it; a file shorter than the range is an
-    OSError here, not a crash later."""
+    OSError here, not a crash later. None where the file cannot be mapped."""
     size = os.stat(path).st_size
     if size < first + total:
         raise OSError(f"the file ends short of the dataset's byte {size - first} (of {total})")
-    mm = np.memmap(path, dtype=dtype, mode="c", offset=first, shape=shape)
+    try:
+        mm = np.memmap(path, dtype=dtype, mode="c", offset=first, shape=shape)
+    except (OSError, ValueError):  # a file system that cannot map files: the caller reads it
+        return None
     with contextlib.suppress(AttributeError, OSError, ValueError):  # advice only (not on every system)
         mm._mmap.madvise(mmap.MADV_WILLNEED)
     return np.asarray(mm)
@@ -305,7 +308,9 @@ def _read_contiguous(dset, plan: _Plan, starts, stops, shape, threads: int, sele
     first = plan.offset + starts[0] * row
     total = (stops[0] - starts[0]) * row
     if _MAP_CONTIGUOUS and total >= _MIN_MAP_BYTES:
-        return _mapped(plan.path, first, total, shape, dset.dtype)
+        mapped = _mapped(plan.path, first, total, shape, dset.dtype)
+        if mapped is not None:
+            return mapped
     out = np.empty(shape, dtype=dset.dtype)
     view = memoryview(out.reshape(-1).view(np.uint8))
     n_pieces = max(1, min(threads * 4, -(-total // _PIECE_BYTES)))

@@ -598,7 +598,12 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
     windows)."""
     off, slope, quad, width = cal
     if method == "nnls" and _fused_usable(y, design):
-        return _fit_chunk_nnls_fused(y, design, per_unit, cal, window, max_iter, roi)
+        try:
+            return _fit_chunk_nnls_fused(y, design, per_unit, cal, window, max_iter, roi)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the compiled pass failed here: the step-by-step path
+            _give_up_fused(exc)
     with torch.no_grad():
         # channel-major [Cw, P] in memory throughout (the SNIP works that way): element-wise steps
         # on one memory layout, matrix products by transposed views
@@ -651,6 +656,17 @@ def _nnls_output(y, design, per_unit, a, se, chi, it, ok, bg_sum, roi) -> dict[s
                          **({"roi": roi} if roi is not None else {}))
 
 
+_fused_failure: str | None = None  # why the fused pass failed here, if it did (it is not tried again)
+
+
+def _give_up_fused(exc: Exception) -> None:
+    """Remember that the fused nnls pass failed in this process, and say so once."""
+    global _fused_failure
+    _fused_failure = f"{type(exc).__name__}: {exc}"
+    log.warning("the compiled nnls pass failed (%s); fitting step by step from now on (the same maps, slower)",
+                _fused_failure, exc_info=True)
+
+
 def _fused_usable(y: torch.Tensor, design: torch.Tensor) -> bool:
     """Whether the nnls fit of a chunk can go through :mod:`nnls_fused_cpu` (CPU spectra of the
     design's float dtype, pixel- or channel-major in memory, no gradient, numba working)."""
@@ -661,7 +677,8 @@ def _fused_usable(y: torch.Tensor, design: torch.Tensor) -> bool:
         return False
     if not (y.is_contiguous() or y.T.is_contiguous()):
         return False
-    return snip._compiled_unusable() is None and solvers._engine("auto", y) == "compiled"
+    return (_fused_failure is None and snip._compiled_unusable() is None
+            and solvers._engine("auto", y) == "compiled")
 
 
 def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, cal, window,
