@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from mapstorch import simd
 from mapstorch.errors import InputError
 from mapstorch.parallel import run_chunks
 
@@ -170,19 +170,16 @@ def _sweep_lanes(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
                 row[j] = (m if m < cur else cur) if m == m else m
 
 
-_VECTOR_BYTES = 64  # the explicit kernel's vectors: 16 float32 or 8 float64 (one AVX-512 register, two AVX2)
-
-
 @intrinsic
 def _clip_steps(typingctx, v, nvec, chan, lo, hi, half):
     """``v[c, :n] = min(v[c, :n], half * (v[lo, :n] + v[hi, :n]))`` for the steps ``(chan, lo,
     hi)`` in order, over the first ``n = nvec * lanes`` spectra of the C-contiguous ``v [Cw, P]``,
-    written as LLVM vector code: ``lanes`` = 64 bytes of ``v``'s dtype per vector, NaN kept as
+    written as LLVM vector code (:mod:`mapstorch.simd`: 64-byte vectors), NaN kept as
     ``np.minimum`` keeps it, the same float operations as :func:`_sweep_lanes` (so the same
     numbers bit for bit). LLVM's loop vectoriser, given the loop of :func:`_sweep_lanes`, checks
     at run time that the three rows do not overlap and branches on whether a row is read twice,
     once per step; here loads and stores are explicit, a step costs its vectors and three
-    indices (1.3-1.5x faster on a 1000-channel window, 128 spectra)."""
+    indices (1.3-1.4x faster on a 1000-channel window, 128 spectra)."""
     if not (isinstance(v, types.Array) and v.ndim == 2 and v.layout == "C" and v.dtype in (types.float32, types.float64)):
         return None
     sig = types.void(v, nvec, chan, lo, hi, half)
@@ -191,24 +188,14 @@ def _clip_steps(typingctx, v, nvec, chan, lo, hi, half):
         vt, nt, ct, lt, ht, hft = signature.args
         arr = context.make_array(vt)(context, builder, value=args[0])
         steps = [context.make_array(t)(context, builder, value=a) for t, a in zip((ct, lt, ht), args[2:5])]
-        nvec = context.cast(builder, args[1], nt, types.int64)
-        scalar = context.get_value_type(vt.dtype)
-        lanes = _VECTOR_BYTES // context.get_abi_sizeof(scalar)
-        vec = ir.VectorType(scalar, lanes)
-        half_v = context.cast(builder, args[5], hft, vt.dtype)
-        half_vec = ir.Constant(vec, ir.Undefined)
-        for i in range(lanes):
-            half_vec = builder.insert_element(half_vec, half_v, ir.Constant(ir.IntType(32), i))
-        base = builder.bitcast(arr.data, ir.IntType(8).as_pointer())
+        vec, _ = simd.vector_type(context, vt.dtype)
+        half_vec = simd.splat(builder, vec, context.cast(builder, args[5], hft, vt.dtype))
         row_bytes = builder.extract_value(arr.strides, 0)
-        n_steps = builder.extract_value(steps[0].shape, 0)
-        with cgutils.for_range(builder, n_steps) as step:
-            rows = []
-            for a in steps:
-                index = context.cast(builder, builder.load(builder.gep(a.data, [step.index])), ct.dtype, types.int64)
-                rows.append(builder.bitcast(builder.gep(base, [builder.mul(index, row_bytes)]), vec.as_pointer()))
-            row, left, right = rows
-            with cgutils.for_range(builder, nvec) as j:
+        with cgutils.for_range(builder, builder.extract_value(steps[0].shape, 0)) as step:
+            row, left, right = (
+                simd.row_pointer(builder, arr.data, simd.int64(context, builder, builder.load(
+                    builder.gep(a.data, [step.index])), ct.dtype), row_bytes, vec) for a in steps)
+            with cgutils.for_range(builder, simd.int64(context, builder, args[1], nt)) as j:
                 target = builder.gep(row, [j.index])
                 a_ = builder.load(builder.gep(left, [j.index]), align=4)
                 b_ = builder.load(builder.gep(right, [j.index]), align=4)
@@ -225,7 +212,7 @@ def _clip_steps(typingctx, v, nvec, chan, lo, hi, half):
 def _sweep_chunk(v, nb, chan, lo, hi, half):  # pragma: no cover - compiled
     """The clipping steps in order on the first ``nb`` spectra of the C-contiguous ``v [Cw, >= nb]``,
     in place: whole vectors by :func:`_clip_steps`, the rest by :func:`_sweep_lanes`."""
-    lanes = _VECTOR_BYTES // v.itemsize
+    lanes = simd.VECTOR_BYTES // v.itemsize
     full = nb // lanes
     if full > 0:
         _clip_steps(v, full, chan, lo, hi, half)

@@ -1,0 +1,49 @@
+"""Helpers for compiled kernels written as explicit LLVM vector code (numba intrinsics).
+
+LLVM's loop vectoriser turns numba's innermost loops into SIMD code, but where a loop reads and
+writes rows of one array it must check at run time that they do not overlap, and it keeps
+partial sums in memory; for a loop of a few vectors that repeats millions of times, those checks
+and loads cost as much as the arithmetic. A kernel that loads, computes and stores whole 64-byte
+vectors itself avoids both (:func:`mapstorch.physics.snip_cpu._clip_steps`,
+:func:`mapstorch.maps.spd_cpu._quad_lanes`). These helpers build such code inside a numba
+``@intrinsic``; the float operations stay exactly those written (no fused multiply-add, no
+reassociation), so the numbers are those of the plain loops they replace, bit for bit.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+
+__all__ = ["VECTOR_BYTES", "vector_type", "splat", "row_pointer", "int64"]
+
+VECTOR_BYTES = 64  # one AVX-512 register, two AVX2 ones: 16 float32 or 8 float64
+
+_I8P = ir.IntType(8).as_pointer()
+_I32 = ir.IntType(32)
+
+
+def vector_type(context, dtype) -> tuple[ir.VectorType, int]:
+    """The LLVM vector of :data:`VECTOR_BYTES` bytes of the numba scalar type ``dtype``, and its lanes."""
+    scalar = context.get_value_type(dtype)
+    lanes = VECTOR_BYTES // context.get_abi_sizeof(scalar)
+    return ir.VectorType(scalar, lanes), lanes
+
+
+def splat(builder, vec: ir.VectorType, value):
+    """A vector of type ``vec`` with ``value`` in every lane."""
+    out = ir.Constant(vec, ir.Undefined)
+    for i in range(vec.count):
+        out = builder.insert_element(out, value, ir.Constant(_I32, i))
+    return out
+
+
+def row_pointer(builder, data, index, stride, vec: ir.VectorType):
+    """A pointer to vectors ``vec`` at row ``index`` (int64) of an array whose rows are ``stride``
+    bytes apart, from its data pointer ``data``."""
+    return builder.bitcast(builder.gep(builder.bitcast(data, _I8P), [builder.mul(index, stride)]), vec.as_pointer())
+
+
+def int64(context, builder, value, numba_type):
+    """``value`` of numba type ``numba_type`` as an int64."""
+    return context.cast(builder, value, numba_type, types.int64)
