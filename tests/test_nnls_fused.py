@@ -134,3 +134,21 @@ def test_a_failing_fused_pass_falls_back_to_the_steps_once(monkeypatch, caplog):
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
         np.testing.assert_array_equal(again[key], want[key])
+
+
+def test_tables_are_built_once_per_map(monkeypatch):
+    sim = simulate_map(rows=6, cols=40, seed=2)
+    built = []
+    real = nnls_fused_cpu.NnlsTables
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nnls_fused_cpu, "NnlsTables", counting)
+    monkeypatch.setattr(fit_module, "_fused_tables", [])
+    one = fit_map(map_dataset(sim), sim.params, method="nnls", chunk_rows=2)  # three chunks
+    assert len(built) == 1
+    two = fit_map(map_dataset(sim), sim.params, method="nnls", chunk_rows=3)  # a new map: its own design
+    assert len(built) == 2
+    np.testing.assert_array_equal(one.counts, two.counts)

@@ -681,6 +681,9 @@ def _fused_usable(y: torch.Tensor, design: torch.Tensor) -> bool:
             and solvers._engine("auto", y) == "compiled")
 
 
+_fused_tables: list = []  # the last map's (key, design, tables, pairs, iu): built once, not per chunk
+
+
 def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, cal, window,
                           max_iter: int | None, roi: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
     """:func:`_fit_chunk`'s nnls method in one pass per group of pixels (:mod:`nnls_fused_cpu`):
@@ -689,17 +692,25 @@ def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch
     from mapstorch.maps import nnls_fused_cpu
     from mapstorch.physics.snip import compiled_plan
 
-    off, slope, quad, width = cal
     channel_major = y.shape[0] > 1 and y.T.is_contiguous()
     x = (y.T if channel_major else y).numpy()
-    plan = compiled_plan(y.shape[1], off, slope, quad, width, (window.first, window.last), y.dtype, channel_major,
-                         project=design, roi=roi or None)
-    norms, gram, lip, inverse = solvers.nnls_setup(design)
-    k = design.shape[1]
-    iu = torch.triu_indices(k, k)
-    pairs = design[:, iu[0]] * design[:, iu[1]]  # as solvers.model_chi2_stderr's
-    res = nnls_fused_cpu.fit_nnls_cpu(x, plan, design.numpy(), pairs.numpy(), norms.numpy(), gram.numpy(), lip,
-                                      inverse.numpy(), 1e-6, max_iter or 2000, torch.get_num_threads())
+    key = (y.shape[1], tuple(cal), window.first, window.last, y.dtype, channel_major, tuple(map(tuple, roi)),
+           design._version)
+    cached = _fused_tables[0] if _fused_tables else None
+    if cached is not None and cached[0] == key and cached[1] is design:
+        tables, pairs, iu = cached[2:]
+    else:
+        off, slope, quad, width = cal
+        plan = compiled_plan(y.shape[1], off, slope, quad, width, (window.first, window.last), y.dtype, channel_major,
+                             project=design, roi=roi or None)
+        norms, gram, lip, inverse = solvers.nnls_setup(design)
+        k = design.shape[1]
+        iu = torch.triu_indices(k, k)
+        pairs = design[:, iu[0]] * design[:, iu[1]]  # as solvers.model_chi2_stderr's
+        tables = nnls_fused_cpu.NnlsTables(plan, design.numpy(), pairs.numpy(), norms.numpy(), gram.numpy(), lip,
+                                           inverse.numpy())
+        _fused_tables[:] = [(key, design, tables, pairs, iu)]
+    res = nnls_fused_cpu.fit_nnls_cpu(x, tables, 1e-6, max_iter or 2000, torch.get_num_threads())
     a = torch.from_numpy(res["a"])
     se = torch.from_numpy(res["stderr"])
     if res["failed"]:  # not positive definite (collinear columns): the pseudo-inverse's errors, as there

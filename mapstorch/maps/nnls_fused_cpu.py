@@ -26,7 +26,7 @@ from mapstorch.maps import chi2_cpu, nnls_cpu, spd_cpu
 from mapstorch.parallel import run_chunks
 from mapstorch.physics.snip_cpu import SnipPlan, nonzeros_by_row
 
-__all__ = ["GROUP", "fit_nnls_cpu"]
+__all__ = ["GROUP", "NnlsTables", "fit_nnls_cpu"]
 
 GROUP = 512  # pixels per group: the Fisher information's block (spd_cpu._FISHER_PIXELS)
 
@@ -84,15 +84,33 @@ def _finite_sums(bg, n, a, chi, p0, out):  # pragma: no cover - compiled
         out[c] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-def fit_nnls_cpu(x: np.ndarray, plan: SnipPlan, design: np.ndarray, pairs: np.ndarray, norms: np.ndarray,
-                 gram: np.ndarray, lip: float, inverse: np.ndarray, tol: float, max_iter: int, n_threads: int = 1
-                 ) -> dict[str, object]:
-    """XRF-Maps' NNLS map fit of the spectra ``x`` (``[P, C]``, or ``[C, P]`` with the plan's
-    ``channel_major``; C-contiguous, the plan's dtype) on up to ``n_threads`` threads.
+class NnlsTables:
+    """What :func:`fit_nnls_cpu` derives from the design and the SNIP alone, once per map.
 
     plan : the SNIP's (:func:`mapstorch.physics.snip.compiled_plan`), projecting the net counts
     on ``design [Cw, K]``; pairs : the products of the design's columns ``[Cw, K (K + 1) / 2]``
     (as ``torch.triu_indices``); ``norms, gram, lip, inverse``: :func:`solvers.nnls_setup`'s.
+    """
+
+    def __init__(self, plan: SnipPlan, design: np.ndarray, pairs: np.ndarray, norms: np.ndarray, gram: np.ndarray,
+                 lip: float, inverse: np.ndarray) -> None:
+        if not plan.project or plan.n_k != design.shape[1]:
+            raise ValueError("NnlsTables: the SNIP plan must project the net counts on the design's columns")
+        dtype = plan.dtype
+        self.plan, self.dtype = plan, dtype
+        self.design = np.ascontiguousarray(design, dtype=dtype)
+        self.model = nonzeros_by_row(self.design, dtype)  # (dptr, dval, dcol)
+        self.quads = spd_cpu.quad_table(np.ascontiguousarray(pairs, dtype=dtype))  # (qptr, qpair, qcoef)
+        self.where, _ = spd_cpu._packing(design.shape[1])
+        self.norms, self.gram, self.inverse = (np.ascontiguousarray(v, dtype=dtype) for v in (norms, gram, inverse))
+        self.lip = dtype.type(lip)
+        self.rel = spd_cpu._rel(self.design)
+
+
+def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n_threads: int = 1) -> dict[str, object]:
+    """XRF-Maps' NNLS map fit of the spectra ``x`` (``[P, C]``, or ``[C, P]`` with the plan's
+    ``channel_major``; C-contiguous, the plan's dtype) on up to ``n_threads`` threads, with the
+    design, SNIP and solver of ``tables``.
 
     Returns ``a [P, K]`` (amplitudes of the design's columns; not iterated, not converged, NaN
     where a pixel's counts are not finite), ``iterations [P]``, ``converged [P]``, ``chi2 [P]``
@@ -102,18 +120,13 @@ def fit_nnls_cpu(x: np.ndarray, plan: SnipPlan, design: np.ndarray, pairs: np.nd
     ``failed`` ``{pixel: its background [Cw]}`` for the pixels whose information is not positive
     definite (``ok`` False; their errors are left to the caller).
     """
-    if not plan.project or plan.n_k != design.shape[1]:
-        raise ValueError("fit_nnls_cpu: the SNIP plan must project the net counts on the design's columns")
-    dtype = plan.dtype
-    n_w, k = design.shape
+    plan, dtype = tables.plan, tables.dtype
+    n_w, k = tables.design.shape
     n_pix = x.shape[1] if plan.channel_major else x.shape[0]
-    design = np.ascontiguousarray(design, dtype=dtype)
-    dptr, dval, dcol = nonzeros_by_row(design, dtype)
-    qptr, qpair, qcoef = spd_cpu.quad_table(np.ascontiguousarray(pairs, dtype=dtype))
-    where, _ = spd_cpu._packing(k)
-    norms, gram, inverse = (np.ascontiguousarray(v, dtype=dtype) for v in (norms, gram, inverse))
-    step, limit = dtype.type(lip), dtype.type(tol)
-    rel = spd_cpu._rel(design)
+    dptr, dval, dcol = tables.model
+    qptr, qpair, qcoef = tables.quads
+    where, norms, gram, inverse, rel = tables.where, tables.norms, tables.gram, tables.inverse, tables.rel
+    step, limit = tables.lip, dtype.type(tol)
     b = np.empty((n_pix, k), dtype=dtype)
     a = np.empty((n_pix, k), dtype=dtype)
     scale = np.empty(n_pix, dtype=dtype)
