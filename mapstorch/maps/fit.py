@@ -645,7 +645,7 @@ def _fit_chunk(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, ca
 def _nnls_output(y, design, per_unit, a, se, chi, it, ok, bg_sum, roi) -> dict[str, np.ndarray]:
     """:func:`_chunk_output` of a chunk's fit with the background fixed (nnls, poisson): ``chi``
     the chi-square (divided here by the degrees of freedom), ``bg_sum`` the background summed over
-    the pixels whose fit is finite, ``roi [P, R]`` or None."""
+    the pixels whose fit is finite, ``roi [R, P]`` or None."""
     dof = design.shape[0] - (a > 0).sum(1)  # window channels less the amplitudes in use
     chi = chi / dof.clamp(min=1)
     finite = torch.isfinite(a).all(1) & torch.isfinite(chi)
@@ -710,7 +710,7 @@ def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch
         tables = nnls_fused_cpu.NnlsTables(plan, design.numpy(), pairs.numpy(), norms.numpy(), gram.numpy(), lip,
                                            inverse.numpy())
         _fused_tables[:] = [(key, design, tables, pairs, iu)]
-    res = nnls_fused_cpu.fit_nnls_cpu(x, tables, 1e-6, max_iter or 2000, torch.get_num_threads())
+    res = nnls_fused_cpu.fit_nnls_cpu(x, tables, solvers.NNLS_TOL, max_iter or 2000, torch.get_num_threads())
     a = torch.from_numpy(res["a"])
     se = torch.from_numpy(res["stderr"])
     if res["failed"]:  # not positive definite (collinear columns): the pseudo-inverse's errors, as there

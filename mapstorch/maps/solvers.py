@@ -32,6 +32,9 @@ __all__ = ["nnls", "nnls_setup", "pseudo_inverse_stderr", "poisson", "poisson_st
 log = logging.getLogger(__name__)
 
 
+NNLS_TOL = 1e-6  # nnls's convergence: the projected gradient below this share of its size at zero
+
+
 def nnls_setup(design: Tensor) -> tuple[Tensor, Tensor, float, Tensor]:
     """What :func:`nnls` derives from the design ``[C, K]`` alone: ``(norms [K], gram [K, K],
     lip, inverse [K, K])``, the columns' norms, the Gram matrix of the normalised columns, its
@@ -44,7 +47,7 @@ def nnls_setup(design: Tensor) -> tuple[Tensor, Tensor, float, Tensor]:
     return norms, gram, lip, torch.linalg.pinv(gram.double(), hermitian=True).to(design.dtype)
 
 
-def nnls(design: Tensor, target: Tensor | None, max_iter: int = 2000, tol: float = 1e-6,
+def nnls(design: Tensor, target: Tensor | None, max_iter: int = 2000, tol: float = NNLS_TOL,
          start: Tensor | None = None, engine: str = "auto", rhs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Non-negative least squares for every pixel: ``(a [P, K], iterations [P], converged [P])``.
 
