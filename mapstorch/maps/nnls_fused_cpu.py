@@ -124,8 +124,9 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     n_w, k = tables.design.shape
     if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype == dtype and x.flags.c_contiguous
             and x.shape[0 if plan.channel_major else 1] == plan.n):
-        raise ValueError(f"fit_nnls_cpu: spectra must be C-contiguous {dtype} {'[C, P]' if plan.channel_major else '[P, C]'}"
-                         f" with C = {plan.n}, got {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+        layout = "[C, P]" if plan.channel_major else "[P, C]"
+        raise ValueError(f"fit_nnls_cpu: spectra must be C-contiguous {dtype} {layout} with C = {plan.n}, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     n_pix = x.shape[1] if plan.channel_major else x.shape[0]
     dptr, dval, dcol = tables.model
     qptr, qpair, qcoef = tables.quads

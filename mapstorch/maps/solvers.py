@@ -26,8 +26,9 @@ from torch import Tensor
 
 from mapstorch.maps import spd_lanes
 
-__all__ = ["nnls", "nnls_setup", "pseudo_inverse_stderr", "poisson", "poisson_stderr", "pair_blocks", "weighted_pairs", "inverse_diagonal", "spd_solve",
-           "pearson_chi2", "model_weights_chi2", "model_chi2_stderr", "deviance_rows", "lm_trials"]
+__all__ = ["nnls", "nnls_setup", "NNLS_TOL", "pseudo_inverse_stderr", "poisson", "poisson_stderr", "pair_blocks",
+           "weighted_pairs", "inverse_diagonal", "spd_solve", "pearson_chi2", "model_weights_chi2", "model_chi2_stderr",
+           "deviance_rows", "lm_trials"]
 
 log = logging.getLogger(__name__)
 

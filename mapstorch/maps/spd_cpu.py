@@ -317,8 +317,9 @@ def _quad_lanes(typingctx, acc, nvec, qpair, qcoef, e0, e1, w1, w2, w3, w4):
     ``acc`` (C-contiguous), the same float operations in the same order (the same bits). The
     loop took a quarter to a third longer, loading the weights again for every entry."""
     if not (isinstance(acc, types.Array) and acc.ndim == 2 and acc.layout == "C"
-            and acc.dtype in (types.float32, types.float64)):
-        return None
+            and acc.dtype in (types.float32, types.float64) and qcoef.dtype == acc.dtype
+            and all(isinstance(w, types.Array) and w.ndim == 1 and w.dtype == acc.dtype for w in (w1, w2, w3, w4))):
+        return None  # (the caller checks at run time that the weights' rows are contiguous)
     sig = types.void(acc, nvec, qpair, qcoef, e0, e1, w1, w2, w3, w4)
 
     def codegen(context, builder, signature, args):
@@ -326,10 +327,9 @@ def _quad_lanes(typingctx, acc, nvec, qpair, qcoef, e0, e1, w1, w2, w3, w4):
         rows = context.make_array(at)(context, builder, value=args[0])
         pair = context.make_array(pt)(context, builder, value=args[2])
         coef = context.make_array(ct)(context, builder, value=args[3])
-        weights = [builder.bitcast(context.make_array(t)(context, builder, value=v).data,
-                                   simd.vector_type(context, at.dtype)[0].as_pointer())
-                   for t, v in zip(signature.args[6:], args[6:])]
         vec, _ = simd.vector_type(context, at.dtype)
+        weights = [builder.bitcast(context.make_array(t)(context, builder, value=v).data, vec.as_pointer())
+                   for t, v in zip(signature.args[6:], args[6:])]
         i64 = ir.IntType(64)
         nvec = simd.int64(context, builder, args[1], nt)
         e0 = simd.int64(context, builder, args[4], e0t)

@@ -449,7 +449,7 @@ def snip_window(
                              f", K], got {tuple(project.shape)}")
     pairs = None
     if roi is not None:
-        pairs = (np.array([int(w[0]) for w in roi], dtype=np.int64), np.array([int(w[1]) for w in roi], dtype=np.int64))
+        pairs = _roi_pairs(roi)
         n = spectra.shape[-1]
         if pairs[0].size and (pairs[0].min() < 0 or pairs[1].max() >= n or (pairs[0] > pairs[1]).any()):
             raise InputError(f"snip_window: ROI windows {list(roi)} must be (first, last) pairs within the {n} channels")
@@ -511,10 +511,14 @@ def compiled_plan(n: int, offset: float, slope: float, quadratic: float, width: 
     a, b, widths, lo_limit, up_limit = _passes(n, offset, slope, quadratic, width, first, last, dtype, "cpu")
     steps = _cpu_schedule(tuple(_w_key(wp) for wp in widths), b - a, lo_limit, up_limit)
     mat = None if project is None else project.detach().to(device="cpu", dtype=dtype).numpy()
-    pairs = None if roi is None else (np.array([int(w[0]) for w in roi], dtype=np.int64),
-                                      np.array([int(w[1]) for w in roi], dtype=np.int64))
+    pairs = None if roi is None else _roi_pairs(roi)
     return _snip_cpu().SnipPlan(n, first, last, steps, torch.empty(0, dtype=dtype).numpy().dtype, channel_major,
                                 mat, pairs)
+
+
+def _roi_pairs(roi: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """ROI windows ``[(first, last), ...]`` as two int64 arrays (firsts, lasts)."""
+    return (np.array([int(w[0]) for w in roi], dtype=np.int64), np.array([int(w[1]) for w in roi], dtype=np.int64))
 
 
 def _snip_window(spectra: Tensor, offset: float, slope: float, quadratic: float, width: float,

@@ -180,7 +180,8 @@ def _clip_steps(typingctx, v, nvec, chan, lo, hi, half):
     at run time that the three rows do not overlap and branches on whether a row is read twice,
     once per step; here loads and stores are explicit, a step costs its vectors and three
     indices (1.3-1.4x faster on a 1000-channel window, 128 spectra)."""
-    if not (isinstance(v, types.Array) and v.ndim == 2 and v.layout == "C" and v.dtype in (types.float32, types.float64)):
+    if not (isinstance(v, types.Array) and v.ndim == 2 and v.layout == "C"
+            and v.dtype in (types.float32, types.float64)):
         return None
     sig = types.void(v, nvec, chan, lo, hi, half)
 
@@ -333,7 +334,7 @@ def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_li
 class SnipPlan:
     """The validated constants of a compiled SNIP over the window ``first..last`` of spectra
     with ``n`` channels (``channel_major``: stored ``[C, P]``), and its work on one chunk of
-    spectra (:meth:`chunk`), which :func:`snip_window_cpu` and the map fit's fused pass
+    spectra (:meth:`chunk_work`), which :func:`snip_window_cpu` and the map fit's fused pass
     (:mod:`mapstorch.maps.nnls_fused_cpu`) share out to threads.
 
     steps : the clipping steps ``(channel, lo, hi)`` in window channels (:func:`sweep_steps`);
@@ -393,7 +394,8 @@ class SnipPlan:
     def chunk_work(self, x: np.ndarray, p0: int, nb: int, t: np.ndarray, slab: np.ndarray, out: np.ndarray, q0: int,
                    counts: np.ndarray, proj: np.ndarray | None, roi_in: np.ndarray | None) -> np.ndarray:
         """Spectra ``p0 .. p0 + nb - 1`` of ``x``: their background into ``out[:, q0:q0 + nb]``
-        (channel-major), the window's counts into ``counts[:, q0:q0 + nb]`` (when it has rows), the projections into ``proj[:, q0:q0 + nb]`` and the ROI counts into
+        (channel-major), the window's counts into ``counts[:, q0:q0 + nb]`` (when it has rows),
+        the projections into ``proj[:, q0:q0 + nb]`` and the ROI counts into
         ``roi_in[:, q0:q0 + nb]`` where the plan has them. Returns the slab used, which holds the
         net counts ``max(counts - background, 0)`` in the rows the projections read (else
         ``background + 1``). Call within ``np.errstate(over="ignore", invalid="ignore",
@@ -469,7 +471,8 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     plan = SnipPlan(n, first, last, steps, x.dtype, channel_major, project, roi)
     n_w, chunk = plan.n_w, plan.chunk
     out = np.empty((n_w, n_pix), dtype=x.dtype)
-    counts = np.empty((n_w, n_pix) if with_counts and not channel_major else (0, 0), dtype=x.dtype)  # channel-major: a view
+    # the window's counts (channel-major spectra: a view of them, made at the end)
+    counts = np.empty((n_w, n_pix) if with_counts and not channel_major else (0, 0), dtype=x.dtype)
     proj = np.empty((plan.n_k, n_pix), dtype=x.dtype) if project is not None else None
     roi_in = np.empty((plan.in_lo.size, n_pix), dtype=np.float32) if roi is not None else None
 
