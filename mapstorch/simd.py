@@ -12,15 +12,27 @@ reassociation), so the numbers are those of the plain loops they replace, bit fo
 
 from __future__ import annotations
 
+import numba
+import numpy as np
 from llvmlite import ir
 from numba import types
 
-__all__ = ["VECTOR_BYTES", "vector_type", "splat", "row_pointer", "int64"]
+from mapstorch.aligned import VECTOR_BYTES, empty
 
-VECTOR_BYTES = 64  # one AVX-512 register, two AVX2 ones: 16 float32 or 8 float64
+__all__ = ["VECTOR_BYTES", "empty", "empty_rows", "vector_type", "splat", "row_pointer", "int64"]
+
 
 _I8P = ir.IntType(8).as_pointer()
 _I32 = ir.IntType(32)
+
+
+@numba.njit(nogil=True, cache=True)
+def empty_rows(rows, cols, dtype):  # pragma: no cover - compiled
+    """:func:`empty` ``(rows, cols)`` inside compiled code (numba's own arrays start on 32-byte
+    boundaries)."""
+    raw = np.empty(rows * cols + VECTOR_BYTES, dtype)
+    start = (-raw.ctypes.data % VECTOR_BYTES) // raw.itemsize
+    return raw[start:start + rows * cols].reshape((rows, cols))
 
 
 def vector_type(context, dtype) -> tuple[ir.VectorType, int]:

@@ -32,6 +32,7 @@ import zlib
 
 import numpy as np
 
+from mapstorch import aligned
 from mapstorch.parallel import run_chunks
 
 try:
@@ -232,7 +233,7 @@ def read_block(dset, selection: tuple[slice, ...], n_threads: int | None = None)
               for g in range(g0, g1)] for n, a, b, g0, g1 in zip(chunk, starts, stops, lo, hi)]
     cells = list(itertools.product(*(range(len(p)) for p in parts)))
     order = _memory_order(shape, chunk)
-    mem = np.empty(tuple(shape[i] for i in order), dtype=dset.dtype)
+    mem = aligned.empty(tuple(shape[i] for i in order), dset.dtype)  # rows on cache lines, for the SIMD kernels
     out = mem.transpose(np.argsort(order))
     dtype, filters = dset.dtype, plan.filters
     nbytes = int(np.prod(chunk)) * dtype.itemsize
@@ -311,7 +312,7 @@ def _read_contiguous(dset, plan: _Plan, starts, stops, shape, threads: int, sele
         mapped = _mapped(plan.path, first, total, shape, dset.dtype)
         if mapped is not None:
             return mapped
-    out = np.empty(shape, dtype=dset.dtype)
+    out = aligned.empty(shape, dset.dtype)
     view = memoryview(out.reshape(-1).view(np.uint8))
     n_pieces = max(1, min(threads * 4, -(-total // _PIECE_BYTES)))
     edges = [total * i // n_pieces for i in range(n_pieces + 1)]

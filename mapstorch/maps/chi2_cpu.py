@@ -21,6 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from mapstorch import simd
 from mapstorch.maps.spd_cpu import (
     _FISHER_PIXELS,
     _add_quad,
@@ -90,7 +91,7 @@ def _pass_stderr(dval, dcol, dptr, a_t, bg, y, qptr, qpair, qcoef, active, where
     zero = dtype.type(0)
     buf, low, inv, diag, scale, act, bad, ut, acc = _fisher_scratch(active.shape[1], where.max() + 1, dtype)
     npix = _FISHER_PIXELS
-    wq = np.empty((4, npix), dtype=dtype)
+    wq = simd.empty_rows(4, npix, dtype)
     mrow = np.empty(npix, dtype=dtype)
     sq = np.empty(npix, dtype=np.float64)
     for b0 in range(lo, hi, npix):

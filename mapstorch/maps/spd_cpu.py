@@ -275,7 +275,7 @@ def _fisher_scratch(k, n_t, dtype):  # pragma: no cover - compiled
     packed matrices ``ut [T, _LANES]`` and the block's sums ``acc [T, _FISHER_PIXELS]``."""
     buf, low, inv, diag, scale, act, bad = _stderr_scratch(k, _LANES)
     return (buf, low, inv, diag, scale, act, bad, np.zeros((n_t, _LANES)),
-            np.empty((n_t, _FISHER_PIXELS), dtype=dtype))
+            simd.empty_rows(n_t, _FISHER_PIXELS, dtype))
 
 
 @numba.njit(nogil=True, cache=True)

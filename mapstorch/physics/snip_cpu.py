@@ -388,8 +388,8 @@ class SnipPlan:
     def scratch(self) -> tuple[np.ndarray, np.ndarray]:
         """A thread's work arrays: the transposed crop ``t [n_x, chunk]`` (none for channel-major
         spectra) and the slab ``[Cw, chunk]``."""
-        return (np.empty((0 if self.channel_major else self.n_x, self.chunk), dtype=self.dtype),
-                np.empty((self.n_w, self.chunk), dtype=self.dtype))
+        return (simd.empty((0 if self.channel_major else self.n_x, self.chunk), self.dtype),
+                simd.empty((self.n_w, self.chunk), self.dtype))
 
     def chunk_work(self, x: np.ndarray, p0: int, nb: int, t: np.ndarray, slab: np.ndarray, out: np.ndarray, q0: int,
                    counts: np.ndarray, proj: np.ndarray | None, roi_in: np.ndarray | None) -> np.ndarray:
@@ -403,7 +403,7 @@ class SnipPlan:
         first, last, one = self.first, self.last, self.one
         chan, lo, hi = self.steps
         # NumPy's ufuncs on whole C-contiguous arrays, as in the blocked engine
-        v = slab if nb == slab.shape[1] else np.empty((self.n_w, nb), dtype=self.dtype)
+        v = slab if nb == slab.shape[1] else simd.empty((self.n_w, nb), self.dtype)
         if self.channel_major:
             _load_chunk_cm(x, p0, nb, first, last, self.fifth, one, v, counts, q0)
         else:
@@ -470,10 +470,10 @@ def snip_window_cpu(x: np.ndarray, first: int, last: int, steps: tuple[np.ndarra
     n, n_pix = x.shape if channel_major else x.shape[::-1]
     plan = SnipPlan(n, first, last, steps, x.dtype, channel_major, project, roi)
     n_w, chunk = plan.n_w, plan.chunk
-    out = np.empty((n_w, n_pix), dtype=x.dtype)
+    out = simd.empty((n_w, n_pix), x.dtype)
     # the window's counts (channel-major spectra: a view of them, made at the end)
-    counts = np.empty((n_w, n_pix) if with_counts and not channel_major else (0, 0), dtype=x.dtype)
-    proj = np.empty((plan.n_k, n_pix), dtype=x.dtype) if project is not None else None
+    counts = simd.empty((n_w, n_pix) if with_counts and not channel_major else (0, 0), x.dtype)
+    proj = simd.empty((plan.n_k, n_pix), x.dtype) if project is not None else None
     roi_in = np.empty((plan.in_lo.size, n_pix), dtype=np.float32) if roi is not None else None
 
     def work(chunks):
