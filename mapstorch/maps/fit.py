@@ -681,7 +681,7 @@ def _fused_usable(y: torch.Tensor, design: torch.Tensor) -> bool:
             and solvers._engine("auto", y) == "compiled")
 
 
-_fused_tables: list = []  # the last map's (key, design, tables, pairs, iu): built once, not per chunk
+_fused_tables: list = []  # the last map's (key, design, per_unit, tables, pairs, iu): built once, not per chunk
 
 
 def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch.Tensor, cal, window,
@@ -697,8 +697,8 @@ def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch
     key = (y.shape[1], tuple(cal), window.first, window.last, y.dtype, channel_major, tuple(map(tuple, roi)),
            design._version)
     cached = _fused_tables[0] if _fused_tables else None
-    if cached is not None and cached[0] == key and cached[1] is design:
-        tables, pairs, iu = cached[2:]
+    if cached is not None and cached[0] == key and cached[1] is design and cached[2] is per_unit:
+        tables, pairs, iu = cached[3:]
     else:
         off, slope, quad, width = cal
         plan = compiled_plan(y.shape[1], off, slope, quad, width, (window.first, window.last), y.dtype, channel_major,
@@ -708,19 +708,23 @@ def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch
         iu = torch.triu_indices(k, k)
         pairs = design[:, iu[0]] * design[:, iu[1]]  # as solvers.model_chi2_stderr's
         tables = nnls_fused_cpu.NnlsTables(plan, design.numpy(), pairs.numpy(), norms.numpy(), gram.numpy(), lip,
-                                           inverse.numpy())
-        _fused_tables[:] = [(key, design, tables, pairs, iu)]
+                                           inverse.numpy(), per_unit.detach().cpu().to(design.dtype).numpy())
+        _fused_tables[:] = [(key, design, per_unit, tables, pairs, iu)]
     res = nnls_fused_cpu.fit_nnls_cpu(x, tables, solvers.NNLS_TOL, max_iter or 2000, torch.get_num_threads())
-    a = torch.from_numpy(res["a"])
-    se = torch.from_numpy(res["stderr"])
+    out = res["maps"]  # _nnls_output's maps, made by the pass's threads
     if res["failed"]:  # not positive definite (collinear columns): the pseudo-inverse's errors, as there
         rows = torch.tensor(sorted(res["failed"]))
         bg = torch.from_numpy(np.stack([res["failed"][int(p)] for p in rows]))
-        se[rows] = solvers.pseudo_inverse_stderr(design, a[rows], bg, pairs, iu)
-    chi = torch.from_numpy(res["chi2"]).to(y.dtype)
-    roi_counts = torch.from_numpy(res["roi"]) if "roi" in res else None  # [R, P]
-    return _nnls_output(y, design, per_unit, a, se, chi, torch.from_numpy(res["iterations"]),
-                        torch.from_numpy(res["converged"]), torch.from_numpy(res["background_sum"]), roi_counts)
+        se = solvers.pseudo_inverse_stderr(design, torch.from_numpy(res["a"])[rows], bg, pairs, iu)
+        out["amplitudes_stderr"][:, rows] = se.T.float().numpy()
+        out["stderr"][:, rows] = (se * per_unit).T.float().numpy()
+    bg_sum = res["background_sum"]
+    out.update(total_counts=y.sum(1).float().numpy(), iterations=res["iterations"].astype(np.int32),
+               integrated_fit=bg_sum + design.double().numpy() @ res["amplitude_sum"], integrated_background=bg_sum)
+    if "roi" in res:
+        out["roi"] = res["roi"]  # [R, P] float32
+    return out
+
 
 
 def _background_start(design: torch.Tensor, shape: torch.Tensor, a: torch.Tensor, counts: torch.Tensor,

@@ -77,16 +77,54 @@ def _finite_sums(bg, n, a, chi, p0, out):  # pragma: no cover - compiled
         out[c] = s
 
 
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _finish(a, se, chi, done, per_unit, n_w, p0, n, amps, amps_err, cnt, cnt_err, rchi2, status,
+            a_sum):  # pragma: no cover - compiled
+    """The per-pixel results of pixels ``p0 .. p0 + n - 1``, as ``fit._nnls_output`` makes them
+    from the same arrays (the same operations in the same dtype, so the same numbers): the
+    reduced chi-square ``chi / max(Cw - active, 1)`` in ``a``'s dtype, the status (0 converged,
+    1 not, 2 not finite), the amplitudes (0 where not finite) and their errors, both also times
+    ``per_unit``, into the float32 maps ``[K, P]`` and ``[P]``; ``a_sum[c] +=`` the amplitudes
+    kept (float64, pixel after pixel)."""
+    k = a.shape[1]
+    zero = a.dtype.type(0)
+    for j in range(n):
+        p = p0 + j
+        used = 0
+        fin = True
+        for c in range(k):
+            v = a[p, c]
+            if v > zero:
+                used += 1
+            if not np.isfinite(v):
+                fin = False
+        dof = n_w - used
+        r = a.dtype.type(chi[p]) / a.dtype.type(dof if dof > 1 else 1)
+        fin = fin and np.isfinite(r)
+        rchi2[p] = np.float32(r)
+        status[p] = (0 if done[p] else 1) if fin else 2
+        for c in range(k):
+            v = a[p, c] if fin else zero
+            e = se[p, c]
+            amps[c, p] = np.float32(v)
+            cnt[c, p] = np.float32(v * per_unit[c])
+            amps_err[c, p] = np.float32(e)
+            cnt_err[c, p] = np.float32(e * per_unit[c])
+            a_sum[c] += np.float64(v)
+
+
 class NnlsTables:
     """What :func:`fit_nnls_cpu` derives from the design and the SNIP alone, once per map.
 
     plan : the SNIP's (:func:`mapstorch.physics.snip.compiled_plan`), projecting the net counts
     on ``design [Cw, K]``; pairs : the products of the design's columns ``[Cw, K (K + 1) / 2]``
-    (as ``torch.triu_indices``); ``norms, gram, lip, inverse``: :func:`solvers.nnls_setup`'s.
+    (as ``torch.triu_indices``); ``norms, gram, lip, inverse``: :func:`solvers.nnls_setup`'s;
+    per_unit : ``[K]`` or None, each column's counts per unit amplitude (with it
+    :func:`fit_nnls_cpu` also makes the maps).
     """
 
     def __init__(self, plan: SnipPlan, design: np.ndarray, pairs: np.ndarray, norms: np.ndarray, gram: np.ndarray,
-                 lip: float, inverse: np.ndarray) -> None:
+                 lip: float, inverse: np.ndarray, per_unit: np.ndarray | None = None) -> None:
         if not plan.project or plan.n_k != design.shape[1]:
             raise ValueError("NnlsTables: the SNIP plan must project the net counts on the design's columns")
         dtype = plan.dtype
@@ -98,6 +136,9 @@ class NnlsTables:
         self.norms, self.gram, self.inverse = (np.ascontiguousarray(v, dtype=dtype) for v in (norms, gram, inverse))
         self.lip = dtype.type(lip)
         self.rel = spd_cpu._rel(self.design)
+        if per_unit is not None and np.shape(per_unit) != (design.shape[1],):
+            raise ValueError(f"NnlsTables: per_unit must be [K] = [{design.shape[1]}], got {np.shape(per_unit)}")
+        self.per_unit = None if per_unit is None else np.ascontiguousarray(per_unit, dtype=dtype)
 
 
 def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n_threads: int = 1) -> dict[str, object]:
@@ -111,7 +152,11 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     (:func:`chi2_cpu.model_chi2_stderr`'s), ``roi [R, P]`` where the plan sums ROI windows,
     ``background_sum [Cw]`` (float64, over the pixels whose ``a`` and ``chi2`` are finite) and
     ``failed`` ``{pixel: its background [Cw]}`` for the pixels whose information is not positive
-    definite (``ok`` False; their errors are left to the caller).
+    definite (``ok`` False; their errors are left to the caller). With the tables' ``per_unit``
+    also ``maps``: ``fit._nnls_output``'s float32 ``amplitudes``, ``amplitudes_stderr``,
+    ``counts``, ``stderr`` ``[K, P]``, ``rchi2 [P]``, ``status [P]`` (int8) and the kept
+    amplitudes summed over the pixels, ``amplitude_sum [K]`` (float64), made by each thread for
+    its groups (:func:`_finish`; the errors of ``failed`` pixels still to be set).
     """
     plan, dtype = tables.plan, tables.dtype
     n_w, k = tables.design.shape
@@ -138,6 +183,12 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     n_groups = -(-n_pix // GROUP)
     sums = np.zeros((n_groups, n_w), dtype=np.float64)
     failed: dict[int, np.ndarray] = {}
+    per_unit = tables.per_unit
+    if per_unit is not None:
+        maps = {key: np.empty((k, n_pix), dtype=np.float32) for key in ("amplitudes", "amplitudes_stderr", "counts",
+                                                                        "stderr")}
+        maps.update(rchi2=np.empty(n_pix, dtype=np.float32), status=np.empty(n_pix, dtype=np.int8))
+        a_sums = np.zeros((n_groups, k), dtype=np.float64)
 
     def work(groups):
         t, slab = plan.scratch()  # this thread's work arrays, reused from group to group
@@ -162,6 +213,9 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
             chi2_cpu._pass_stderr(dval, dcol, dptr, amp_t, bg, counts, qptr, qpair, qcoef, act,
                                   where, 0, n, chi[g0:g0 + n], se[g0:g0 + n], ok[g0:g0 + n], rel)
             _finite_sums(bg, n, a, chi, g0, sums[g])
+            if per_unit is not None:
+                _finish(a, se, chi, done, per_unit, n_w, g0, n, maps["amplitudes"], maps["amplitudes_stderr"],
+                        maps["counts"], maps["stderr"], maps["rchi2"], maps["status"], a_sums[g])
             for j in np.flatnonzero(~ok[g0:g0 + n]):  # rare: collinear columns; the caller's pseudo-inverse
                 failed[g0 + int(j)] = bg[:, j].copy()
 
@@ -170,4 +224,7 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
                               "background_sum": sums.sum(0), "failed": failed}
     if plan.roi:
         out["roi"] = plan.roi_outside(x, roi_in)
+    if per_unit is not None:
+        out["maps"] = maps
+        out["amplitude_sum"] = a_sums.sum(0)
     return out
