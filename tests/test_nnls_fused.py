@@ -152,3 +152,38 @@ def test_tables_are_built_once_per_map(monkeypatch):
     two = fit_map(map_dataset(sim), sim.params, method="nnls", chunk_rows=3)  # a new map: its own design
     assert len(built) == 2
     np.testing.assert_array_equal(one.counts, two.counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finish_makes_the_maps_nnls_output_makes(dtype):
+    """The fused pass's per-group finishing (``_finish``) against ``fit._nnls_output`` on the same
+    amplitudes, errors and chi-squares, bit for bit: NaN and infinite amplitudes, a NaN and an
+    overflowing chi-square, unconverged pixels, every column in use (degrees of freedom clamped)."""
+    rng = np.random.default_rng(11)
+    p, k, n_w = 37, 5, 6
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    a = (rng.random((p, k)) * 50 * (rng.random((p, k)) > 0.3)).astype(np_dtype)
+    a[3, 1], a[4, 0], a[5] = np.nan, np.inf, 0.0
+    a[6] = 1.0  # all 5 columns used: 6 - 5 = 1 degree of freedom
+    se = (rng.random((p, k)) * 3).astype(np_dtype)
+    se[7, 2] = np.nan
+    chi = rng.random(p) * 1e4
+    chi[8], chi[9] = np.nan, 1e300  # the latter is infinite in float32
+    done = rng.random(p) > 0.2
+    per_unit = (rng.random(k) * 2 + 0.5).astype(np_dtype)
+    design = torch.from_numpy(rng.random((n_w, k)).astype(np_dtype))
+    y = torch.from_numpy(rng.random((p, 10)).astype(np_dtype))
+    want = fit_module._nnls_output(y, design, torch.from_numpy(per_unit), torch.from_numpy(a), torch.from_numpy(se),
+                                   torch.from_numpy(chi).to(dtype), torch.zeros(p, dtype=torch.int64),
+                                   torch.from_numpy(done), torch.zeros(n_w, dtype=torch.float64), None)
+    got = {key: np.full((k, p), -1.0, np.float32) for key in ("amplitudes", "amplitudes_stderr", "counts", "stderr")}
+    got.update(rchi2=np.full(p, -1.0, np.float32), status=np.full(p, -1, np.int8))
+    a_sum = np.zeros(k)
+    for p0, n in ((0, 16), (16, 21)):  # two groups
+        nnls_fused_cpu._finish(a, se, chi, done, per_unit, n_w, p0, n, got["amplitudes"], got["amplitudes_stderr"],
+                               got["counts"], got["stderr"], got["rchi2"], got["status"], a_sum)
+    for key, value in got.items():
+        np.testing.assert_array_equal(value.view(np.uint8), np.ascontiguousarray(want[key]).view(np.uint8), err_msg=key)
+    assert list(want["status"][[3, 4, 8]]) == [2, 2, 2] and want["status"][6] in (0, 1)
+    assert want["status"][9] == (2 if dtype == torch.float32 else 1 - int(done[9]))  # 1e300: finite in float64
+    np.testing.assert_allclose(design.double().numpy() @ a_sum, want["integrated_fit"], rtol=1e-12)
