@@ -32,3 +32,42 @@ def test_quad_kernel_equals_the_loop(dtype):
     spd_cpu._add_quad_lanes(want, 0, width, qptr, qpair, qcoef, 0, *strided)
     spd_cpu._add_quad(got, width, qptr, qpair, qcoef, 0, *strided)
     np.testing.assert_array_equal(got, want)
+
+
+def test_quad_table_leaves_out_negligible_products():
+    pairs = np.zeros((8, 4), dtype=np.float32)
+    pairs[:, 0] = [1.0, 1e-16, 0, 0, 0, 0, 0, 0]  # quad 0: kept (1.0); 1e-16 set to zero within it
+    pairs[5, 0] = 1e-14  # quad 1: kept, above 1e-15 of the column's largest
+    pairs[6, 1] = 1e-30  # a column of tiny products only: its largest is kept
+    pairs[2, 2], pairs[4, 2] = 2.0, 1e-20  # quad 1 of column 2: left out
+    pairs[:, 3] = np.nan  # NaN: never left out
+    qptr, qpair, qcoef = spd_cpu.quad_table(pairs)
+    entries = {(q, int(qpair[e])): qcoef[e].tolist() for q in range(2) for e in range(qptr[q], qptr[q + 1])}
+    assert entries[(0, 0)] == [1.0, 0.0, 0.0, 0.0]
+    assert entries[(1, 0)][1] == pytest.approx(1e-14)
+    assert (1, 1) in entries and (0, 2) in entries and (1, 2) not in entries
+    assert (0, 3) in entries and (1, 3) in entries and np.isnan(entries[(1, 3)]).all()
+    full = spd_cpu.quad_table(pairs, negligible=0)
+    assert full[0][-1] == qptr[-1] + 1  # only (1, 2) more
+
+
+def test_negligible_products_change_no_error_of_a_map(monkeypatch):
+    """The Fisher information without the negligible products gives the same standard errors,
+    bit for bit, on a simulated map (majors and traces, float32)."""
+    from mapstorch.maps import fit as fit_module
+    from mapstorch.maps import fit_map
+    from mapstorch.synthetic import map_dataset, simulate_map
+
+    sim = simulate_map(rows=4, cols=64, seed=2)
+    ds = map_dataset(sim)
+    monkeypatch.setattr(fit_module, "_fused_tables", [])
+    default = fit_map(ds, sim.params, method="nnls")
+    pairs = fit_module._fused_tables[0][4].numpy()
+    assert spd_cpu.quad_table(pairs)[0][-1] < 0.9 * spd_cpu.quad_table(pairs, negligible=0)[0][-1]  # some left out
+    monkeypatch.setattr(spd_cpu, "_NEGLIGIBLE", 0.0)
+    monkeypatch.setattr(fit_module, "_fused_tables", [])
+    every = fit_map(ds, sim.params, method="nnls")
+    np.testing.assert_array_equal(default.counts, every.counts)
+    np.testing.assert_array_equal(default.counts_stderr, every.counts_stderr)
+    np.testing.assert_array_equal(default.reduced_chi2, every.reduced_chi2)
+    assert np.isfinite(default.counts_stderr).mean() > 0.9
