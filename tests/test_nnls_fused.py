@@ -187,3 +187,30 @@ def test_finish_makes_the_maps_nnls_output_makes(dtype):
     assert list(want["status"][[3, 4, 8]]) == [2, 2, 2] and want["status"][6] in (0, 1)
     assert want["status"][9] == (2 if dtype == torch.float32 else 1 - int(done[9]))  # 1e300: finite in float64
     np.testing.assert_allclose(design.double().numpy() @ a_sum, want["integrated_fit"], rtol=1e-12)
+
+
+def test_start_sums_each_pixel_in_index_order():
+    """``_start`` (its loops over the pixels innermost) against plain per-pixel float32 sums in
+    index order, bit for bit, NaN and negative starts included."""
+    rng = np.random.default_rng(4)
+    k, n, p0 = 6, 37, 5
+    proj = rng.normal(size=(k, n)).astype(np.float32)
+    proj[2, 3] = np.nan
+    norms = (rng.random(k) + 0.5).astype(np.float32)
+    inverse = rng.normal(size=(k, k)).astype(np.float32)
+    b, x = np.full((p0 + n, k), -7, np.float32), np.full((p0 + n, k), -7, np.float32)
+    scale = np.full(p0 + n, -7, np.float32)
+    nnls_fused_cpu._start(proj, norms, inverse, b, x, scale, p0, n)
+    for j in range(n):
+        bj = proj[:, j] / norms
+        np.testing.assert_array_equal(b[p0 + j], bj)
+        acc = np.float32(0)
+        for v in bj:
+            acc = np.float32(acc + v * v)
+        np.testing.assert_array_equal(scale[p0 + j], np.sqrt(acc))
+        for c in range(k):
+            s = np.float32(0)
+            for r in range(k):
+                s = np.float32(s + bj[r] * inverse[r, c])
+            np.testing.assert_array_equal(x[p0 + j, c], s if not s < 0 else np.float32(0))
+    assert (b[:p0] == -7).all() and np.isnan(x[p0 + 3]).any()

@@ -36,22 +36,34 @@ GROUP = 512  # pixels per group: the Fisher information's block (spd_cpu._FISHER
 def _start(proj, norms, inverse, b, x, scale, p0, n):  # pragma: no cover - compiled
     """For pixels ``p0 .. p0 + n - 1`` (column ``j`` of the group's projections ``proj [K, >= n]``
     is pixel ``p0 + j``): ``b = proj.T / norms`` (the normalised right-hand side), ``scale =
-    ||b||`` and the start ``x = max(b @ inverse, 0)`` (NaN kept, as torch's clamp)."""
+    ||b||`` and the start ``x = max(b @ inverse, 0)`` (NaN kept, as torch's clamp). Each pixel's
+    sums run in index order; the loops run over the pixels innermost (SIMD)."""
     k = norms.shape[0]
     zero = b.dtype.type(0)
+    bt = np.empty((k, n), dtype=b.dtype)  # b, component-major
+    acc = np.empty(n, dtype=b.dtype)
     for j in range(n):
-        p = p0 + j
-        acc = zero
+        acc[j] = zero
+    for c in range(k):
+        src, dst, norm = proj[c], bt[c], norms[c]
+        for j in range(n):
+            v = src[j] / norm
+            dst[j] = v
+            acc[j] += v * v
+    for j in range(n):
+        scale[p0 + j] = np.sqrt(acc[j])
         for c in range(k):
-            v = proj[c, j] / norms[c]
-            b[p, c] = v
-            acc += v * v
-        scale[p] = np.sqrt(acc)
-        for c in range(k):
-            s = zero
-            for r in range(k):
-                s += b[p, r] * inverse[r, c]
-            x[p, c] = zero if s < zero else s
+            b[p0 + j, c] = bt[c, j]
+    for c in range(k):
+        for j in range(n):
+            acc[j] = zero
+        for r in range(k):
+            row, coef = bt[r], inverse[r, c]
+            for j in range(n):
+                acc[j] += row[j] * coef
+        for j in range(n):
+            s = acc[j]
+            x[p0 + j, c] = zero if s < zero else s
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc"})
@@ -88,6 +100,7 @@ def _finish(a, se, chi, done, per_unit, n_w, p0, n, amps, amps_err, cnt, cnt_err
     kept (float64, pixel after pixel)."""
     k = a.shape[1]
     zero = a.dtype.type(0)
+    keep = np.empty(n, dtype=np.bool_)
     for j in range(n):
         p = p0 + j
         used = 0
@@ -101,16 +114,23 @@ def _finish(a, se, chi, done, per_unit, n_w, p0, n, amps, amps_err, cnt, cnt_err
         dof = n_w - used
         r = a.dtype.type(chi[p]) / a.dtype.type(dof if dof > 1 else 1)
         fin = fin and np.isfinite(r)
+        keep[j] = fin
         rchi2[p] = np.float32(r)
         status[p] = (0 if done[p] else 1) if fin else 2
-        for c in range(k):
-            v = a[p, c] if fin else zero
+    for c in range(k):  # a map's row at a time: contiguous writes
+        pu = per_unit[c]
+        row_a, row_ae, row_c, row_ce = amps[c], amps_err[c], cnt[c], cnt_err[c]
+        total = 0.0
+        for j in range(n):
+            p = p0 + j
+            v = a[p, c] if keep[j] else zero
             e = se[p, c]
-            amps[c, p] = np.float32(v)
-            cnt[c, p] = np.float32(v * per_unit[c])
-            amps_err[c, p] = np.float32(e)
-            cnt_err[c, p] = np.float32(e * per_unit[c])
-            a_sum[c] += np.float64(v)
+            row_a[p] = np.float32(v)
+            row_c[p] = np.float32(v * pu)
+            row_ae[p] = np.float32(e)
+            row_ce[p] = np.float32(e * pu)
+            total += np.float64(v)
+        a_sum[c] += total
 
 
 class NnlsTables:
