@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -51,6 +52,52 @@ def chunk_size(n_window: int, itemsize: int) -> int:
     return int(min(256, max(_TILE, fit // _TILE * _TILE)))
 
 
+@intrinsic
+def _tile_transpose(typingctx, x, row, col, t, t_row, t_col):
+    """``t[t_row + i, t_col + j] = x[row + j, col + i]`` for ``i, j < L``, the lanes of a 64-byte
+    vector (16 float32, 8 float64): ``L`` rows of ``x`` loaded as vectors, transposed in
+    ``log2(L)`` rounds of shuffles (round ``b`` swaps bit ``b`` of the row and column indices
+    between pairs of rows), stored as ``L`` rows of ``t``. Both arrays C-contiguous, one dtype;
+    the caller keeps the tile inside both. The loop LLVM made of the element-by-element copy
+    took 0.36 against 0.23 us per spectrum of 1056 channels."""
+    if not (all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (x, t))
+            and x.dtype == t.dtype and x.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.void(x, row, col, t, t_row, t_col)
+
+    def codegen(context, builder, signature, args):
+        xt, rt, ct, tt, trt, tct = signature.args
+        src = context.make_array(xt)(context, builder, value=args[0])
+        dst = context.make_array(tt)(context, builder, value=args[3])
+        vec, lanes = simd.vector_type(context, xt.dtype)
+        i64 = ir.IntType(64)
+        r0, c0, tr0, tc0 = (simd.int64(context, builder, args[i], signature.args[i]) for i in (1, 2, 4, 5))
+
+        def pointer(arr, r, c):
+            base = simd.row_pointer(builder, arr.data, r, builder.extract_value(arr.strides, 0), vec)
+            return builder.bitcast(builder.gep(builder.bitcast(base, vec.element.as_pointer()), [c]), vec.as_pointer())
+
+        rows = [builder.load(pointer(src, builder.add(r0, ir.Constant(i64, i)), c0), align=4) for i in range(lanes)]
+        bit = 1
+        while bit < lanes:
+            low = ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                              [c if not c & bit else lanes + c - bit for c in range(lanes)])
+            high = ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                               [c + bit if not c & bit else lanes + c for c in range(lanes)])
+            out = list(rows)
+            for r in range(lanes):
+                if not r & bit:
+                    out[r] = builder.shuffle_vector(rows[r], rows[r | bit], low)
+                    out[r | bit] = builder.shuffle_vector(rows[r], rows[r | bit], high)
+            rows = out
+            bit *= 2
+        for i in range(lanes):
+            builder.store(rows[i], pointer(dst, builder.add(tr0, ir.Constant(i64, i)), tc0), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(nogil=True, cache=True, fastmath=False)
 def _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts, q0):  # pragma: no cover - compiled
     """Spectra ``p0 .. p0 + nb - 1`` of ``x [P, C]``: their crop ``first - 2 .. last + 2``
@@ -64,13 +111,12 @@ def _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts, q0):  # pragma
     tile = _TILE
     nb_full = nb - nb % tile
     nx_full = n_x - n_x % tile
-    for j0 in range(0, nb_full, tile):  # full tiles: constant trip counts, which LLVM turns into shuffles
+    lanes = simd.VECTOR_BYTES // x.itemsize  # the vector tile: 16 float32 or 8 float64
+    for j0 in range(0, nb_full, tile):  # full tiles, as vector tiles of shuffles
         for c0 in range(0, nx_full, tile):
-            src = x[p0 + j0:p0 + j0 + tile, xa + c0:xa + c0 + tile]
-            dst = t[c0:c0 + tile, j0:j0 + tile]
-            for a in range(tile):
-                for b in range(tile):
-                    dst[b, a] = src[a, b]
+            for a in range(0, tile, lanes):
+                for b in range(0, tile, lanes):
+                    _tile_transpose(x, p0 + j0 + a, xa + c0 + b, t, c0 + b, j0 + a)
         for c in range(nx_full, n_x):
             row = t[c, j0:j0 + tile]
             for j in range(tile):
