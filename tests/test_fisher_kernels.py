@@ -49,6 +49,12 @@ def test_quad_table_leaves_out_negligible_products():
     assert (0, 3) in entries and (1, 3) in entries and np.isnan(entries[(1, 3)]).all()
     full = spd_cpu.quad_table(pairs, negligible=0)
     assert full[0][-1] == qptr[-1] + 1  # only (1, 2) more
+    # float64: the default threshold scales with the dtype's rounding (1e-20 is kept there)
+    wide = spd_cpu.quad_table(pairs.astype(np.float64))
+    assert wide[0][-1] == full[0][-1]
+    pairs64 = pairs.astype(np.float64)
+    pairs64[4, 2] = 1e-25  # below 1.9e-24 of 2.0: left out
+    assert spd_cpu.quad_table(pairs64)[0][-1] == qptr[-1]
 
 
 def test_negligible_products_change_no_error_of_a_map(monkeypatch):

@@ -726,7 +726,6 @@ def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch
     return out
 
 
-
 def _background_start(design: torch.Tensor, shape: torch.Tensor, a: torch.Tensor, counts: torch.Tensor,
                       steps: int = 4) -> torch.Tensor:
     """The poisson method's start for the background's amplitude ``t [P]`` (its shape ``[C]``),

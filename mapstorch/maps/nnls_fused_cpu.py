@@ -9,7 +9,8 @@ larger than the caches. Here each thread takes a group of :data:`GROUP` pixels t
 step: the SNIP and the projections of the net counts (a cache-sized chunk of spectra at a time,
 into the group's own background and counts arrays, reused from group to group, so they stay in
 the caches), the NNLS iterations, the chi-square and standard errors, the group's share of the
-integrated background. Only per-pixel results leave the group.
+integrated background, and the group's columns of the float32 maps (:func:`_finish`, what
+``fit._nnls_output`` makes of the same arrays). Only per-pixel results leave the group.
 
 The numbers are those of the step-by-step path (:func:`mapstorch.maps.fit._fit_chunk`) with
 the same kernels, except the NNLS start, the unconstrained solution clipped at 0, whose sums

@@ -465,7 +465,7 @@ def _packing(k: int) -> tuple[np.ndarray, int]:
     return where, pos
 
 
-_NEGLIGIBLE = 1e-15  # quad_table: products below this share of their column's largest are left out
+_NEGLIGIBLE = 1e-15  # quad_table: float32 products below this share of their column's largest are left out
 
 
 def quad_table(pairs: np.ndarray, negligible: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -474,15 +474,18 @@ def quad_table(pairs: np.ndarray, negligible: float | None = None) -> tuple[np.n
     ``qptr[q] .. qptr[q + 1] - 1``, each a packed entry ``qpair`` whose product is not zero in the
     quad and its four products (in ``pairs``' dtype, zero where the product is).
 
-    Products smaller than ``negligible`` (default :data:`_NEGLIGIBLE`) times the largest of
-    their column count as zero: the far tails of two peaks, down to 1e-39 in float32 designs.
-    Weighted by ``w <= 1`` they add less than float32's rounding to an information whose
-    largest term, ``product * w``, has ``w >= 1 / m`` for a model below ``m = 6e-8 /
-    negligible`` counts in that channel (6e7 for the default 1e-15). On the bench's map the
+    Products smaller than ``negligible`` times the largest of their column count as zero: the
+    far tails of two peaks, down to 1e-39 in float32 designs. Weighted by ``w <= 1`` they add
+    less than the dtype's rounding to an information whose largest term, ``product * w``, has
+    ``w >= 1 / m`` for a model below ``m = eps / (2 negligible)`` counts in that channel. The
+    default, :data:`_NEGLIGIBLE` scaled by the dtype's ``eps`` over float32's (1e-15 for float32,
+    1.9e-24 for float64), keeps that for models below 6e7 counts per channel. On the bench's map the
     errors come out the same bit for bit, with 25 % fewer entries to sum (bench/RESULTS.md,
     tenth session)."""
     n_c, n_t = pairs.shape
-    negligible = _NEGLIGIBLE if negligible is None else float(negligible)
+    if negligible is None:
+        negligible = _NEGLIGIBLE * float(np.finfo(pairs.dtype).eps / np.finfo(np.float32).eps)
+    negligible = float(negligible)
     if negligible > 0:
         scale = np.abs(pairs).max(0, initial=0.0) * negligible
         pairs = np.where(np.abs(pairs) < scale[None, :], 0, pairs)  # (NaN kept: no comparison holds)
