@@ -225,6 +225,19 @@ def test_max_channel_sums_of_many_spectra_on_threads():
     assert np.array_equal(one_cm, one) and np.array_equal(ten_cm, ten)
 
 
+def test_max_channel_sums_same_bits_on_any_thread_count():
+    """Spectra whose float64 sums round: each task's sums added in task order, so the thread
+    count does not change a bit."""
+    from mapstorch.io.max_channels import max_channel_sums
+
+    rng = np.random.default_rng(8)  # a wide range of magnitudes: float64 sums of them round
+    spectra = np.exp(rng.normal(0.0, 12.0, (9000, 48))).astype(np.float32)
+    want = max_channel_sums(spectra, 10, n_threads=1)
+    for threads in (2, 3, 5):
+        got = max_channel_sums(spectra, 10, n_threads=threads)
+        assert all(np.array_equal(g.view(np.uint64), w.view(np.uint64)) for g, w in zip(got, want)), threads
+
+
 def test_written_max_channel_spectra(tmp_path):
     ds = synthetic(rows=4, cols=3, dets=2, chans=50)
     out = write_xrfmaps_h5(tmp_path / "m.h5", ds, per_detector=True, chunk_rows=1)

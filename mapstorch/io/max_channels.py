@@ -123,8 +123,9 @@ def max_channel_sums(spectra: np.ndarray, k: int = 10, n_threads: int = 1) -> tu
     ``[rows, cols, C]``): ``(C,)`` float64 each, the largest channel of every spectrum and its
     ``k`` largest, summed at their channels. Spectra stored channel-major (the transpose of a
     C-contiguous ``[C, ...]`` array, as XRF-Maps files hold them) are read in place, others
-    pixel-major (copied first unless C-contiguous). On up to ``n_threads`` threads (each with
-    its own sums, added at the end)."""
+    pixel-major (copied first unless C-contiguous). On up to ``n_threads`` threads; each task of
+    2048 spectra has its own sums, added in task order at the end (the same numbers on any
+    thread count)."""
     spectra = np.asarray(spectra)
     c = spectra.shape[-1]
     kernels = _kernel()
@@ -142,14 +143,14 @@ def max_channel_sums(spectra: np.ndarray, k: int = 10, n_threads: int = 1) -> tu
             data = np.ascontiguousarray(data, dtype=np.float64)
         kernel = kernels[0]
     tasks = -(-n // _SPECTRA_PER_TASK)
-    partial = []
+    partial = np.zeros((tasks, 2, c), dtype=np.float64)  # each task's sums, added in task order
 
     def work(chunks):
-        out = np.zeros((2, c), dtype=np.float64)
         for i in chunks:
-            kernel(data, k, i * _SPECTRA_PER_TASK, min(n, (i + 1) * _SPECTRA_PER_TASK), out)
-        partial.append(out)
+            kernel(data, k, i * _SPECTRA_PER_TASK, min(n, (i + 1) * _SPECTRA_PER_TASK), partial[i])
 
     run_chunks(work, tasks, n_threads, name="mapstorch-maxch")
-    total = np.sum(partial, axis=0)
+    total = np.zeros((2, c), dtype=np.float64)
+    for part in partial:  # a fixed order: the same sums on any number of threads
+        total += part
     return total[0], total[1]
