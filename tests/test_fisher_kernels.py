@@ -1,12 +1,17 @@
-"""The Fisher information's channel-quad kernel (mapstorch.maps.spd_cpu._add_quad): its explicit
-vector code equals the plain loop bit for bit, whole vectors and the lanes after them."""
+"""The compiled kernels written as explicit vector code equal the plain loops they replace, bit
+for bit: the Fisher information's channel quads (mapstorch.maps.spd_cpu._add_quad), the model
+and weights of a channel (chi2_cpu._model_lanes), and the many small Cholesky factorisations and
+inverse diagonals (spd_cpu._cholesky, spd_cpu._inverse_diag)."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
 
 spd_cpu = pytest.importorskip("mapstorch.maps.spd_cpu")
+chi2_cpu = pytest.importorskip("mapstorch.maps.chi2_cpu")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -77,3 +82,104 @@ def test_negligible_products_change_no_error_of_a_map(monkeypatch):
     np.testing.assert_array_equal(default.counts_stderr, every.counts_stderr)
     np.testing.assert_array_equal(default.reduced_chi2, every.reduced_chi2)
     assert np.isfinite(default.counts_stderr).mean() > 0.9
+
+
+@functools.cache
+def _compiled_model_lanes():
+    numba = pytest.importorskip("numba")
+    kernel = chi2_cpu._model_lanes
+
+    @numba.njit
+    def call(dval, dcol, dptr, a_t, bg, y, c, first, n_vec, w, acc):
+        kernel(dval, dcol, dptr, a_t, bg, y, c, first, n_vec, w, acc)
+
+    return call
+
+
+def _model_lanes(*args):
+    """chi2_cpu._model_lanes, an intrinsic, called from compiled code."""
+    _compiled_model_lanes()(*args)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_model_kernel_equals_the_loop(dtype):
+    """chi2_cpu._model_lanes (whole vectors, four side by side, then one at a time) against
+    _model_row pixel range by pixel range: the same weights and float64 sums, NaN, infinity and
+    models below 1 included; pixels past the vectors untouched."""
+    rng = np.random.default_rng(11)
+    n_c, k, width = 9, 6, 230
+    design = (rng.random((n_c, k)) * (rng.random((n_c, k)) > 0.4)).astype(dtype)
+    design[4] = 0  # a channel without components: the model is the background
+    dptr, dval, dcol = chi2_cpu.nonzeros_by_row(design, dtype)
+    a_t = (rng.random((k, width)) * 50).astype(dtype)
+    a_t[2, 17] = np.nan
+    a_t[0, 40] = np.inf
+    bg = (rng.random((n_c, width)) * 3).astype(dtype)
+    bg[:, 60:70] = 0.0  # models below 1: weight 1
+    y = rng.poisson(20, (n_c, width)).astype(dtype)
+    lanes = 64 // np.dtype(dtype).itemsize
+    for first, n_vec in ((0, 1), (0, 3), (16, 4), (32, 5), (0, width // lanes), (7, 9)):
+        for c in range(n_c):
+            n = n_vec * lanes
+            want_w, got_w = np.full(n + 3, -1, dtype), np.full(n + 3, -1, dtype)
+            start = rng.random(n + 3)
+            want_acc, got_acc = start.copy(), start.copy()
+            chi2_cpu._model_row(dval, dcol, dptr, a_t, bg, y, c, first, n, np.empty(n, dtype), want_w, want_acc)
+            _model_lanes(dval, dcol, dptr, a_t, bg, y, c, first, n_vec, got_w, got_acc)
+            np.testing.assert_array_equal(got_w.view(np.uint8), want_w.view(np.uint8))
+            np.testing.assert_array_equal(got_acc.view(np.uint8), want_acc.view(np.uint8))
+            assert (got_w[n:] == -1).all() and (got_acc[n:] == start[n:]).all()
+
+
+def test_model_weights_chi2_equal_the_loop_on_odd_pixel_counts():
+    """model_weights_chi2 (vectors, then the last pixels by the loop) against _model_row over all
+    pixels at once, for pixel counts that are and are not whole vectors."""
+    rng = np.random.default_rng(12)
+    n_c, k = 40, 7
+    design = (rng.random((n_c, k)) * (rng.random((n_c, k)) > 0.5)).astype(np.float32)
+    dptr, dval, dcol = chi2_cpu.nonzeros_by_row(design, np.float32)
+    for p in (1, 15, 16, 17, 100, 2048 + 33):
+        a = (rng.random((p, k)) * 30).astype(np.float32)
+        bg = (rng.random((n_c, p)) * 5).astype(np.float32)
+        y = rng.poisson(10, (n_c, p)).astype(np.float32)
+        w, chi = chi2_cpu.model_weights_chi2(design, a, bg, y)
+        want_w = np.empty_like(y)
+        want_chi = np.zeros(p)
+        a_t = np.ascontiguousarray(a.T)
+        for c in range(n_c):
+            chi2_cpu._model_row(dval, dcol, dptr, a_t, bg, y, c, 0, p, np.empty(p, np.float32), want_w[c], want_chi)
+        np.testing.assert_array_equal(w, want_w)
+        np.testing.assert_array_equal(chi, want_chi)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 18, 24])
+def test_cholesky_and_inverse_diagonal_in_registers_equal_the_loops(k):
+    """The left-looking kernels (each entry's sums in registers) against the right-looking loops:
+    the same factors, the same failures (indefinite, NaN, zero pivot), the same inverse
+    diagonals, bit for bit; and lane counts they do not take go to the loops."""
+    rng = np.random.default_rng(k)
+    rel = 16 * float(np.finfo(np.float32).eps)
+    for nl in (64, 128, 32):
+        m = rng.normal(size=(nl, k, k + 2))
+        a = m @ m.transpose(0, 2, 1)
+        a[1] = np.eye(k)
+        a[2, 0, 0] = -1.0  # indefinite
+        a[3, k // 2, k // 2] = np.nan
+        a[4, k - 1, k - 1] = 0.0  # a zero pivot
+        a[5] *= 1e-200
+        a = np.ascontiguousarray(a.transpose(1, 2, 0))
+        want_low, got_low = np.zeros((k, k, nl)), np.zeros((k, k, nl))
+        want_bad, got_bad = np.zeros(nl, bool), np.zeros(nl, bool)
+        spd_cpu._cholesky_lanes(a, want_low, want_bad, rel, nl)
+        spd_cpu._cholesky(a, got_low, got_bad, rel, nl)
+        lower = np.tril(np.ones((k, k), bool))
+        np.testing.assert_array_equal(got_low[lower].view(np.int64), want_low[lower].view(np.int64))
+        np.testing.assert_array_equal(got_bad, want_bad)
+        assert want_bad[2] and want_bad[3] and not want_bad[1] and not want_bad[0]
+        want_diag, got_diag = np.zeros((k, nl)), np.zeros((k, nl))
+        spd_cpu._inverse_diagonal_lanes(want_low, np.zeros((k, k, nl)), want_diag, nl)
+        spd_cpu._inverse_diag(want_low, np.zeros((k, k, nl)), got_diag, nl)
+        np.testing.assert_array_equal(got_diag.view(np.int64), want_diag.view(np.int64))
+        good = ~want_bad
+        np.testing.assert_allclose(want_diag[:, good].T, np.diagonal(np.linalg.inv(a.transpose(2, 0, 1)[good]), 0, 1, 2),
+                                   rtol=1e-9)

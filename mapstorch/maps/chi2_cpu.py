@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from mapstorch import simd
 from mapstorch.maps.spd_cpu import (
@@ -65,15 +69,103 @@ def _model_row(dval, dcol, dptr, a_t, bg, y, c, lo, n, mrow, w, acc):  # pragma:
         acc[j] += np.float64(r * r * wv)
 
 
+_MODEL_BLOCK = 4  # vectors of pixels whose models are summed side by side (independent chains)
+
+
+@intrinsic
+def _model_lanes(typingctx, dval, dcol, dptr, a_t, bg, y, c, p0, nvec, w, acc):
+    """:func:`_model_row` of channel ``c`` for the ``nvec`` whole vectors of pixels from ``p0``
+    (``w``, ``acc`` indexed from pixel ``p0``), written as LLVM vector code (:mod:`mapstorch.simd`):
+    each vector's model is summed in a register, :data:`_MODEL_BLOCK` vectors side by side, with
+    the same float operations in the same order (the same bits). The loop LLVM made of
+    :func:`_model_row` kept the model in memory, loading and storing it for every non-zero of
+    the row: 0.8 against 0.3 us per pixel of a 1052-channel window."""
+    arrays = (a_t, bg, y)
+    if not (all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays)
+            and a_t.dtype in (types.float32, types.float64) and all(a.dtype == a_t.dtype for a in (dval, bg, y, w))
+            and isinstance(w, types.Array) and w.ndim == 1 and w.layout == "C"
+            and isinstance(acc, types.Array) and acc.ndim == 1 and acc.layout == "C" and acc.dtype == types.float64):
+        return None
+    sig = types.void(dval, dcol, dptr, a_t, bg, y, c, p0, nvec, w, acc)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        vec, lanes = simd.vector_type(context, a_t.dtype)
+        wide = ir.VectorType(ir.DoubleType(), lanes)
+        i64 = ir.IntType(64)
+        val, col, ptr, amp, back, cnt = (context.make_array(t)(context, builder, value=v) for t, v in zip(st[:6], args[:6]))
+        wt = context.make_array(st[9])(context, builder, value=args[9])
+        at = context.make_array(st[10])(context, builder, value=args[10])
+        ch, first, n_vec = (simd.int64(context, builder, args[i], st[i]) for i in (6, 7, 8))
+        elem = vec.element.as_pointer()
+
+        def row_at(arr, row, pixel):  # a pointer to vectors at (row, pixel) of a C-contiguous 2-D array
+            base = builder.bitcast(simd.row_pointer(builder, arr.data, row, builder.extract_value(arr.strides, 0), vec),
+                                   elem)
+            return builder.bitcast(builder.gep(base, [pixel]), vec.as_pointer())
+
+        def entry(arr, index, numba_type):
+            return context.cast(builder, builder.load(builder.gep(arr.data, [index])), numba_type, types.int64) \
+                if numba_type is not None else builder.load(builder.gep(arr.data, [index]))
+
+        e0 = entry(ptr, ch, st[2].dtype)
+        e1 = entry(ptr, builder.add(ch, ir.Constant(i64, 1)), st[2].dtype)
+        bg_row = row_at(back, ch, first)
+        y_row = row_at(cnt, ch, first)
+        w_row = builder.bitcast(wt.data, vec.as_pointer())
+        acc_row = builder.bitcast(at.data, wide.as_pointer())
+        zero = ir.Constant(vec, [0.0] * lanes)
+        one = ir.Constant(vec, [1.0] * lanes)
+        sums = [cgutils.alloca_once(builder, vec) for _ in range(_MODEL_BLOCK)]
+
+        def block(v0, width):
+            for u in range(width):
+                builder.store(zero, sums[u])
+            with cgutils.for_range_slice(builder, e0, e1, ir.Constant(i64, 1), i64) as (e, _):
+                coef = simd.splat(builder, vec, entry(val, e, None))
+                a_row = row_at(amp, entry(col, e, st[1].dtype), first)
+                for u in range(width):
+                    a = builder.load(builder.gep(a_row, [builder.add(v0, ir.Constant(i64, u))]), align=4)
+                    builder.store(builder.fadd(builder.load(sums[u]), builder.fmul(coef, a)), sums[u])
+            for u in range(width):
+                v = builder.add(v0, ir.Constant(i64, u))
+                m = builder.fadd(builder.load(sums[u]), builder.load(builder.gep(bg_row, [v]), align=4))
+                wv = builder.fdiv(one, builder.select(builder.fcmp_ordered("<", m, one), one, m))
+                builder.store(wv, builder.gep(w_row, [v]), align=4)
+                r = builder.fsub(builder.load(builder.gep(y_row, [v]), align=4), m)
+                term = builder.fmul(builder.fmul(r, r), wv)
+                if lanes != wide.count or vec.element != wide.element:
+                    term = builder.fpext(term, wide)
+                target = builder.gep(acc_row, [v])
+                builder.store(builder.fadd(builder.load(target, align=8), term), target, align=8)
+
+        blocks = builder.sdiv(n_vec, ir.Constant(i64, _MODEL_BLOCK))
+        with cgutils.for_range(builder, blocks) as b:
+            block(builder.mul(b.index, ir.Constant(i64, _MODEL_BLOCK)), _MODEL_BLOCK)
+        done = builder.mul(blocks, ir.Constant(i64, _MODEL_BLOCK))
+        with cgutils.for_range(builder, builder.sub(n_vec, done)) as r:
+            block(builder.add(done, r.index), 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _pass(dval, dcol, dptr, a_t, bg, y, w, chi, lo, hi):  # pragma: no cover - compiled
-    """Pixels ``lo .. hi - 1``: :func:`_model_row` of every channel, the weights into ``w [C, P]``,
-    the chi-squares into ``chi``."""
+    """Pixels ``lo .. hi - 1``: :func:`_model_row` of every channel (:func:`_model_lanes` for the
+    whole vectors), the weights into ``w [C, P]``, the chi-squares into ``chi``."""
     n = hi - lo
     acc = np.zeros(n, dtype=np.float64)
     mrow = np.empty(n, dtype=bg.dtype)
+    lanes = simd.VECTOR_BYTES // y.itemsize
+    full = n // lanes
     for c in range(y.shape[0]):
-        _model_row(dval, dcol, dptr, a_t, bg, y, c, lo, n, mrow, w[c, lo:hi], acc)
+        row = w[c]
+        if full > 0:
+            _model_lanes(dval, dcol, dptr, a_t, bg, y, c, lo, full, row[lo:], acc)
+        if n > full * lanes:
+            _model_row(dval, dcol, dptr, a_t, bg, y, c, lo + full * lanes, n - full * lanes, mrow,
+                       row[lo + full * lanes:hi], acc[full * lanes:])
     for j in range(n):
         chi[lo + j] = acc[j]
 
@@ -82,7 +174,8 @@ def _pass(dval, dcol, dptr, a_t, bg, y, w, chi, lo, hi):  # pragma: no cover - c
 def _pass_stderr(dval, dcol, dptr, a_t, bg, y, qptr, qpair, qcoef, active, where, lo, hi, chi, out, ok,
                  rel):  # pragma: no cover - compiled
     """Pixels ``lo .. hi - 1``, a block of ``spd_cpu._FISHER_PIXELS`` at a time: each channel
-    quad's weights from :func:`_model_row` (kept in the core's cache, never stored), added at
+    quad's weights from :func:`_model_lanes` and :func:`_model_row` (kept in the core's cache,
+    never stored), added at
     once to the block's Fisher information (``spd_cpu._add_quad``), then the standard errors
     (``spd_cpu._block_stderr``): the numbers of :func:`_pass` and ``spd_cpu.fisher_stderr``
     bit for bit."""
@@ -94,16 +187,22 @@ def _pass_stderr(dval, dcol, dptr, a_t, bg, y, qptr, qpair, qcoef, active, where
     wq = simd.empty_rows(4, npix, dtype)
     mrow = np.empty(npix, dtype=dtype)
     sq = np.empty(npix, dtype=np.float64)
+    lanes = simd.VECTOR_BYTES // y.itemsize
     for b0 in range(lo, hi, npix):
         nb = min(npix, hi - b0)
         _zero_columns(acc, nb)
         for j in range(nb):
             sq[j] = 0.0
+        full = nb // lanes
         for q in range(qptr.shape[0] - 1):
             for i in range(4):
                 c = 4 * q + i
                 if c < n_c:
-                    _model_row(dval, dcol, dptr, a_t, bg, y, c, b0, nb, mrow, wq[i], sq)
+                    if full > 0:
+                        _model_lanes(dval, dcol, dptr, a_t, bg, y, c, b0, full, wq[i], sq)
+                    if nb > full * lanes:  # the last pixels, fewer than a vector
+                        _model_row(dval, dcol, dptr, a_t, bg, y, c, b0 + full * lanes, nb - full * lanes, mrow,
+                                   wq[i, full * lanes:], sq[full * lanes:])
                 else:
                     row = wq[i]
                     for j in range(nb):
