@@ -288,15 +288,16 @@ def _store_chunk(v, nb, one, out, p0, t, r0, t0, net):  # pragma: no cover - com
 
 
 @numba.njit(nogil=True, cache=True, fastmath=False)
-def _project_chunk(v, nb, cptr, cval, crow, proj, p0):  # pragma: no cover - compiled
-    """``proj[k, p0:p0 + nb] = sum_e cval[e] v[crow[e], :nb]`` over column ``k``'s non-zeros
-    ``cptr[k] .. cptr[k + 1] - 1`` (in channel order), summed in ``v``'s dtype channel after
-    channel (as a matrix product would). Four channels per pass over the lanes, the partial sum
-    kept in a register between them (the same roundings, in the same order, as four passes)."""
+def _project_loop(v, j0, nb, cptr, cval, crow, proj, p0):  # pragma: no cover - compiled
+    """``proj[k, p0 + j] = sum_e cval[e] v[crow[e], j]`` for the spectra ``j0 <= j < nb`` over
+    column ``k``'s non-zeros ``cptr[k] .. cptr[k + 1] - 1`` (in channel order), summed in ``v``'s
+    dtype channel after channel (as a matrix product would). Four channels per pass over the
+    lanes, the partial sum kept in a register between them (the same roundings, in the same
+    order, as four passes)."""
     zero = v.dtype.type(0)
     for k in range(proj.shape[0]):
         acc = proj[k, p0:p0 + nb]
-        for j in range(nb):
+        for j in range(j0, nb):
             acc[j] = zero
         e = cptr[k]
         end = cptr[k + 1]
@@ -309,15 +310,90 @@ def _project_chunk(v, nb, cptr, cval, crow, proj, p0):  # pragma: no cover - com
             c2 = cval[e + 1]
             c3 = cval[e + 2]
             c4 = cval[e + 3]
-            for j in range(nb):
+            for j in range(j0, nb):
                 acc[j] = (((acc[j] + c1 * r1[j]) + c2 * r2[j]) + c3 * r3[j]) + c4 * r4[j]
             e += 4
         while e < end:
             r1 = v[crow[e], :nb]
             c1 = cval[e]
-            for j in range(nb):
+            for j in range(j0, nb):
                 acc[j] = acc[j] + c1 * r1[j]
             e += 1
+
+
+_PROJECT_BLOCK = 8  # vectors of spectra whose projections are summed side by side, in registers
+
+
+@intrinsic
+def _project_lanes(typingctx, v, nvec, cptr, cval, crow, proj, p0):
+    """:func:`_project_loop` for the first ``nvec`` whole vectors of spectra, written as LLVM
+    vector code (:mod:`mapstorch.simd`): each column's sums stay in registers,
+    :data:`_PROJECT_BLOCK` vectors side by side, from the first non-zero to the last (the loop
+    loaded and stored them every four); the same float operations in the same order, so the
+    same bits. Both arrays C-contiguous, of one dtype."""
+    if not (all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (v, proj))
+            and v.dtype == proj.dtype == cval.dtype and v.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.void(v, nvec, cptr, cval, crow, proj, p0)
+
+    def codegen(context, builder, signature, args):
+        vt, nt, pt, ct, rt, qt, p0t = signature.args
+        slab = context.make_array(vt)(context, builder, value=args[0])
+        ptr, val, row_of = (context.make_array(t)(context, builder, value=a) for t, a in zip((pt, ct, rt), args[2:5]))
+        out = context.make_array(qt)(context, builder, value=args[5])
+        vec, lanes = simd.vector_type(context, vt.dtype)
+        i64 = ir.IntType(64)
+        n_vec = simd.int64(context, builder, args[1], nt)
+        first = simd.int64(context, builder, args[6], p0t)
+        slab_bytes = builder.extract_value(slab.strides, 0)
+        out_bytes = builder.extract_value(out.strides, 0)
+        zero = ir.Constant(vec, [0.0] * lanes)
+        sums = [cgutils.alloca_once(builder, vec) for _ in range(_PROJECT_BLOCK)]
+
+        def index(arr, i, typ):
+            return simd.int64(context, builder, builder.load(builder.gep(arr.data, [i])), typ.dtype)
+
+        def columns(v0, width):
+            with cgutils.for_range(builder, builder.extract_value(out.shape, 0)) as col:
+                k = col.index
+                for u in range(width):
+                    builder.store(zero, sums[u])
+                e0 = index(ptr, k, pt)
+                e1 = index(ptr, builder.add(k, ir.Constant(i64, 1)), pt)
+                with cgutils.for_range_slice(builder, e0, e1, ir.Constant(i64, 1), i64) as (e, _):
+                    coef = simd.splat(builder, vec, builder.load(builder.gep(val.data, [e])))
+                    src = simd.row_pointer(builder, slab.data, index(row_of, e, rt), slab_bytes, vec)
+                    for u in range(width):
+                        x = builder.load(builder.gep(src, [builder.add(v0, ir.Constant(i64, u))]), align=4)
+                        builder.store(builder.fadd(builder.load(sums[u]), builder.fmul(coef, x)), sums[u])
+                dst = builder.bitcast(simd.row_pointer(builder, out.data, k, out_bytes, vec), vec.element.as_pointer())
+                dst = builder.bitcast(builder.gep(dst, [first]), vec.as_pointer())
+                for u in range(width):
+                    builder.store(builder.load(sums[u]), builder.gep(dst, [builder.add(v0, ir.Constant(i64, u))]),
+                                  align=4)
+
+        blocks = builder.sdiv(n_vec, ir.Constant(i64, _PROJECT_BLOCK))
+        with cgutils.for_range(builder, blocks) as b:
+            columns(builder.mul(b.index, ir.Constant(i64, _PROJECT_BLOCK)), _PROJECT_BLOCK)
+        done = builder.mul(blocks, ir.Constant(i64, _PROJECT_BLOCK))
+        with cgutils.for_range(builder, builder.sub(n_vec, done)) as r:
+            columns(builder.add(done, r.index), 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(nogil=True, cache=True, fastmath=False)
+def _project_chunk(v, nb, cptr, cval, crow, proj, p0):  # pragma: no cover - compiled
+    """``proj[k, p0:p0 + nb] = sum_e cval[e] v[crow[e], :nb]`` over column ``k``'s non-zeros
+    (:func:`_project_loop`'s numbers): whole vectors of spectra by :func:`_project_lanes`, the
+    lanes after them by the loop."""
+    lanes = simd.VECTOR_BYTES // v.itemsize
+    full = nb // lanes
+    if full > 0:
+        _project_lanes(v, full, cptr, cval, crow, proj, p0)
+    if nb > full * lanes:
+        _project_loop(v, full * lanes, nb, cptr, cval, crow, proj, p0)
 
 
 @numba.njit(nogil=True, cache=True)
