@@ -279,6 +279,40 @@ def _snip_cpu():
     return snip_cpu
 
 
+_exp_failure: str | None = None  # why the compiled exp kernel failed at run time, if it did
+
+
+@functools.lru_cache(maxsize=1)
+def _exp_kernel():
+    """:func:`exp_cpu.exp_exp_minus_one`, or None where numba is unusable."""
+    try:
+        from mapstorch.physics.exp_cpu import exp_exp_minus_one
+    except Exception as exc:  # noqa: BLE001 -- not installed, or broken here: NumPy's exp does the work
+        _log.debug("numba is not usable (%s); the blocked SNIP engine uses NumPy's exp", exc)
+        return None
+    return exp_exp_minus_one
+
+
+def _exp_exp_minus_one(out: np.ndarray) -> None:
+    """``out = exp(exp(out) - 1)`` in place (C-contiguous): for float32 the compiled engine's
+    kernel (:mod:`exp_cpu`), so that the blocked and compiled engines give the same numbers;
+    NumPy's ``exp`` for float64, and where numba is unusable (then within a few units in the last
+    place of the compiled engine's)."""
+    global _exp_failure
+    kernel = _exp_kernel() if out.dtype == np.float32 and _exp_failure is None else None
+    if kernel is not None:
+        try:
+            kernel(out)
+            return
+        except Exception as exc:  # noqa: BLE001 -- LLVM or numba broken here: NumPy's exp still works
+            _exp_failure = f"{type(exc).__name__}: {exc}"
+            _log.warning("the compiled exp kernel failed (%s); the blocked SNIP engine uses NumPy's exp from now on",
+                         _exp_failure, exc_info=True)
+    np.exp(out, out=out)
+    out -= out.dtype.type(1.0)
+    np.exp(out, out=out)
+
+
 def _give_up_compiled(exc: Exception) -> None:
     """Remember that the compiled engine failed here, so that ``engine="auto"`` stops choosing it."""
     global _compiled_failure
@@ -364,9 +398,7 @@ def _snip_window_numpy(spectra: Tensor, widths, a0: int, b0: int, a: int, b: int
         _sweep_blocked(vt, wp, lo_limit, up_limit)
     out = v[lo_limit:up_limit + 1]
     with np.errstate(over="ignore", invalid="ignore"):
-        np.exp(out, out=out)
-        out -= one
-        np.exp(out, out=out)
+        _exp_exp_minus_one(out)
         out -= one
     out[~np.isfinite(out)] = 0.0
     bg = torch.from_numpy(out).T.reshape(*lead, out.shape[0])  # explicit sizes: no spectra is fine too
