@@ -214,3 +214,24 @@ def test_start_sums_each_pixel_in_index_order():
                 s = np.float32(s + bj[r] * inverse[r, c])
             np.testing.assert_array_equal(x[p0 + j, c], s if not s < 0 else np.float32(0))
     assert (b[:p0] == -7).all() and np.isnan(x[p0 + 3]).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_spectrum_sums_are_float64_sums_in_both_layouts(dtype):
+    """Each pixel's total counts, summed in float64 by the pass's threads: the float64 sum
+    rounded to float32 (NaN kept), for pixel-major and channel-major spectra; counts too large
+    for a float32 running sum (2^24 and up) still come out right."""
+    rng = np.random.default_rng(4)
+    x = (rng.random((300, 1000)) * 3e4).astype(dtype)  # not integers; totals about 1.5e7
+    x[5, 17] = np.nan
+    x[6] = 0.0
+    x[7] = dtype(2.0 ** 24)  # 1000 x 2^24: every float32 running sum past the first rounds
+    want = x.astype(np.float64).sum(1).astype(np.float32)
+    got, got_cm = np.empty(300, np.float32), np.empty(300, np.float32)
+    for p0 in (0, 128, 256):
+        n = min(128, 300 - p0)
+        nnls_fused_cpu._spectrum_sums(x, p0, n, got)
+        nnls_fused_cpu._spectrum_sums_cm(np.ascontiguousarray(x.T), p0, n, got_cm)
+    np.testing.assert_array_equal(got_cm, want)
+    np.testing.assert_allclose(got, want, rtol=1e-7)  # (the float64 sums in another order)
+    assert np.isnan(got[5]) and got[6] == 0.0 and got[7] == np.float32(1000 * 2.0 ** 24)

@@ -719,7 +719,7 @@ def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch
         out["amplitudes_stderr"][:, rows] = se.T.float().numpy()
         out["stderr"][:, rows] = (se * per_unit).T.float().numpy()
     bg_sum = res["background_sum"]
-    out.update(total_counts=y.sum(1).float().numpy(), iterations=res["iterations"].astype(np.int32),
+    out.update(total_counts=res["total"], iterations=res["iterations"].astype(np.int32),
                integrated_fit=bg_sum + design.double().numpy() @ res["amplitude_sum"], integrated_background=bg_sum)
     if "roi" in res:
         out["roi"] = res["roi"]  # [R, P] float32

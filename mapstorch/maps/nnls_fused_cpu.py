@@ -6,9 +6,9 @@ window's counts channel-major (two ``[Cw, P]`` arrays, 4 kB per pixel each for a
 window), then reads both back for the chi-square and the Fisher information, and once more for
 the integrated background: memory traffic that cost about a third of the SNIP's time on a map
 larger than the caches. Here each thread takes a group of :data:`GROUP` pixels through every
-step: the SNIP and the projections of the net counts (a cache-sized chunk of spectra at a time,
-into the group's own background and counts arrays, reused from group to group, so they stay in
-the caches), the NNLS iterations, the chi-square and standard errors, the group's share of the
+step: the spectra's total counts, the SNIP and the projections of the net counts (a cache-sized
+chunk of spectra at a time, into the group's own background and counts arrays, reused from
+group to group, so they stay in the caches), the NNLS iterations, the chi-square and standard errors, the group's share of the
 integrated background, and the group's columns of the float32 maps (:func:`_finish`, what
 ``fit._nnls_output`` makes of the same arrays). Only per-pixel results leave the group.
 
@@ -88,6 +88,33 @@ def _finite_sums(bg, n, a, chi, p0, out):  # pragma: no cover - compiled
         for j in range(n):
             s += np.float64(row[j]) * keep[j]
         out[c] = s
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _spectrum_sums(x, p0, n, out):  # pragma: no cover - compiled
+    """``out[p] = sum_c x[p, c]`` (summed in float64, stored as float32) for the pixel-major
+    spectra ``x [P, C]``, ``p`` in ``p0 .. p0 + n - 1``: each pixel's total counts. The additions
+    may be reordered (numba's ``reassoc``, this function only, so that LLVM sums in SIMD lanes);
+    the order is fixed by the compiled code. Counts that are integers sum exactly in any order."""
+    for j in range(n):
+        row = x[p0 + j]
+        s = 0.0
+        for c in range(row.shape[0]):
+            s += np.float64(row[c])
+        out[p0 + j] = np.float32(s)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _spectrum_sums_cm(xc, p0, n, out):  # pragma: no cover - compiled
+    """:func:`_spectrum_sums` for channel-major spectra ``xc [C, P]``: the float64 sums channel
+    after channel, the loop over the pixels innermost (SIMD)."""
+    acc = np.zeros(n, dtype=np.float64)
+    for c in range(xc.shape[0]):
+        row = xc[c, p0:p0 + n]
+        for j in range(n):
+            acc[j] += np.float64(row[j])
+    for j in range(n):
+        out[p0 + j] = np.float32(acc[j])
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -173,7 +200,8 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     (:func:`chi2_cpu.model_chi2_stderr`'s), ``roi [R, P]`` where the plan sums ROI windows,
     ``background_sum [Cw]`` (float64, over the pixels whose ``a`` and ``chi2`` are finite) and
     ``failed`` ``{pixel: its background [Cw]}`` for the pixels whose information is not positive
-    definite (``ok`` False; their errors are left to the caller). With the tables' ``per_unit``
+    definite (``ok`` False; their errors are left to the caller), ``total [P]`` (float32, each
+    spectrum's counts over all its channels, summed in float64 by the threads). With the tables' ``per_unit``
     also ``maps``: ``fit._nnls_output``'s float32 ``amplitudes``, ``amplitudes_stderr``,
     ``counts``, ``stderr`` ``[K, P]``, ``rchi2 [P]``, ``status [P]`` (int8) and the kept
     amplitudes summed over the pixels, ``amplitude_sum [K]`` (float64), made by each thread for
@@ -204,6 +232,7 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     n_groups = -(-n_pix // GROUP)
     sums = np.zeros((n_groups, n_w), dtype=np.float64)
     failed: dict[int, np.ndarray] = {}
+    totals = np.empty(n_pix, dtype=np.float32)
     per_unit = tables.per_unit
     if per_unit is not None:
         maps = {key: np.empty((k, n_pix), dtype=np.float32) for key in ("amplitudes", "amplitudes_stderr", "counts",
@@ -220,6 +249,7 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
         for g in groups:
             g0 = g * GROUP
             n = min(GROUP, n_pix - g0)
+            (_spectrum_sums_cm if plan.channel_major else _spectrum_sums)(x, g0, n, totals)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 for q0 in range(0, n, plan.chunk):
                     plan.chunk_work(x, g0 + q0, min(plan.chunk, n - q0), t, slab, bg, q0, counts, proj,
@@ -242,7 +272,7 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
 
     run_chunks(work, n_groups, n_threads, name="mapstorch-nnls-map")
     out: dict[str, object] = {"a": a, "iterations": iters, "converged": done, "chi2": chi, "stderr": se, "ok": ok,
-                              "background_sum": sums.sum(0), "failed": failed}
+                              "background_sum": sums.sum(0), "failed": failed, "total": totals}
     if plan.roi:
         out["roi"] = plan.roi_outside(x, roi_in)
     if per_unit is not None:
