@@ -44,7 +44,8 @@ def add_map_parser(sub, data_options) -> None:
     p.add_argument("--out", help="output .h5 (default: <file stem>_maps.h5 in the current folder)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: about 4096 pixels)")
+    p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: about 16384 pixels for nnls, 8192 for poisson, "
+                   "4096 for nonlinear; on a GPU 131072, nonlinear 65536)")
     p.add_argument("--png", help="write map images (PNG) into this folder")
     p.add_argument("--dask", metavar="ADDRESS", help="fit the chunks on this Dask scheduler (tcp://host:8786)")
     p.add_argument("--dask-local", type=int, metavar="N", help="fit the chunks on a local Dask cluster of N workers")

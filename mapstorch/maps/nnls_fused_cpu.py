@@ -31,6 +31,7 @@ from mapstorch.physics.snip_cpu import SnipPlan, nonzeros_by_row
 __all__ = ["GROUP", "NnlsTables", "fit_nnls_cpu"]
 
 GROUP = 512  # pixels per group: the Fisher information's block (spd_cpu._FISHER_PIXELS)
+_TAIL_GROUPS, _TAIL_SPLIT = 2, 4  # the last two groups' pixels go out as groups a quarter the size
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -161,6 +162,19 @@ def _finish(a, se, chi, done, per_unit, n_w, p0, n, amps, amps_err, cnt, cnt_err
         a_sum[c] += total
 
 
+def _group_spans(n_pix: int, group: int) -> list[tuple[int, int]]:
+    """The groups ``(first pixel, pixels)`` of ``n_pix`` pixels: ``group`` pixels each, except that
+    the pixels of the last :data:`_TAIL_GROUPS` full-size groups go out in groups
+    :data:`_TAIL_SPLIT` times smaller, so that the threads finish the chunk together (a thread
+    that took the last full group kept the other waiting up to a whole group's time). The same
+    groups on any number of threads."""
+    tail = min(n_pix, _TAIL_GROUPS * group)
+    head = n_pix - tail
+    small = max(1, group // _TAIL_SPLIT)
+    return ([(g0, min(group, head - g0)) for g0 in range(0, head, group)]
+            + [(g0, min(small, n_pix - g0)) for g0 in range(head, n_pix, small)])
+
+
 class NnlsTables:
     """What :func:`fit_nnls_cpu` derives from the design and the SNIP alone, once per map.
 
@@ -229,7 +243,8 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     ok = np.empty(n_pix, dtype=np.bool_)
     active = np.empty((n_pix, k), dtype=np.bool_)
     roi_in = np.empty((plan.in_lo.size, n_pix), dtype=np.float32) if plan.roi else None
-    n_groups = -(-n_pix // GROUP)
+    spans = _group_spans(n_pix, GROUP)
+    n_groups = len(spans)
     sums = np.zeros((n_groups, n_w), dtype=np.float64)
     failed: dict[int, np.ndarray] = {}
     totals = np.empty(n_pix, dtype=np.float32)
@@ -247,8 +262,7 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
         proj = simd.empty((k, GROUP), dtype)
         amp_t = simd.empty((k, GROUP), dtype)  # the group's amplitudes, component-major
         for g in groups:
-            g0 = g * GROUP
-            n = min(GROUP, n_pix - g0)
+            g0, n = spans[g]
             (_spectrum_sums_cm if plan.channel_major else _spectrum_sums)(x, g0, n, totals)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 for q0 in range(0, n, plan.chunk):
