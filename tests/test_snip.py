@@ -481,3 +481,36 @@ def test_explicit_vector_sweep_equals_the_vectorised_loop(dtype):
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
         np.testing.assert_array_equal(got[:, nb:].view(np.uint8), v[:, nb:].view(np.uint8))
         assert not np.array_equal(np.nan_to_num(got[:, :nb]), np.nan_to_num(v[:, :nb]))  # the steps did clip
+
+
+def test_interleaved_passes_give_the_sequential_numbers():
+    """The compiled engine's steps are several passes interleaved (snip_cpu._wavefront): on
+    random passes (widths that jump, channels that read only themselves left out, reads that go
+    backwards) the interleaved order keeps each pass's own order and gives the numbers of the
+    passes one after another, bit for bit."""
+    from mapstorch.physics import snip_cpu
+
+    rng = np.random.default_rng(8)
+    n = 300
+    for trial in range(6):
+        plans = []
+        for _ in range(int(rng.integers(2, 8))):
+            w = rng.integers(0, 25 if trial % 2 else 4, n)
+            c = np.arange(n)
+            lo = np.clip(c - w, 0, n - 1)
+            hi = np.clip(c + rng.integers(0, 25, n) * (rng.random(n) > 0.1), 0, n - 1)
+            plans.append((lo, hi))
+        steps = snip_cpu.sweep_steps(plans, 0, n - 1)
+        sequential = []
+        for lo, hi in plans:
+            keep = (lo != np.arange(n)) | (hi != np.arange(n))
+            sequential.append((np.arange(n)[keep], lo[keep], hi[keep]))
+        flat = tuple(np.concatenate([s[i] for s in sequential]) for i in range(3))
+        assert sorted(zip(*steps)) == sorted(zip(*flat))
+        v = rng.random((n, 40)).astype(np.float32)
+        v[rng.random((n, 40)) < 0.01] = np.nan
+        want, got = v.copy(), v.copy()
+        snip_cpu._sweep_chunk(want, 40, *flat, np.float32(0.5))
+        snip_cpu._sweep_chunk(got, 40, *steps, np.float32(0.5))
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+        assert not np.array_equal(want, v)

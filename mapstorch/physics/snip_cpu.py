@@ -15,6 +15,8 @@ numbers bit for bit, done a chunk of spectra at a time so that the chunk's chann
 3. compiled: every pass of the clipping ``v[c] = min(v[c], 0.5 * (v[lo] + v[hi]))``, channel
    after channel in XRF-Maps' order, the innermost loop over the chunk's spectra (SIMD: whole
    64-byte vectors written as LLVM vector code, :func:`_clip_steps`, the last lanes as a loop);
+   three passes at a time interleaved, each trailing the one before it by what it reads
+   (:func:`_wavefront`), so that they work on the same rows while these are in the L1 cache;
 4. ``exp(exp(v) - 1)``: for float32 compiled (:mod:`exp_cpu`: one pass, within 1.01 units in
    the last place per ``exp``; the blocked engine uses it too), for float64 NumPy's ``exp``,
    ``- 1``, ``exp``; compiled: ``- 1``, non-finite values to 0, and the chunk
@@ -453,7 +455,78 @@ def sweep_steps(plans: list[tuple[np.ndarray, np.ndarray]], lo_limit: int, up_li
         hi.append(ph[keep] - lo_limit)
     if not ch:
         return tuple(np.zeros(0, dtype=np.int64) for _ in range(3))
-    return tuple(np.ascontiguousarray(np.concatenate(t)) for t in (ch, lo, hi))
+    passes = list(zip(ch, lo, hi))
+    groups = [_wavefront(passes[g:g + _WAVE_PASSES]) for g in range(0, len(passes), _WAVE_PASSES)]
+    return tuple(np.ascontiguousarray(np.concatenate([grp[i] for grp in groups])) for i in range(3))
+
+
+_WAVE_PASSES = 3  # passes interleaved as one wavefront (2: 8 % faster sweeps, 3: 9 %, 6: 8 %, 18: 2 %)
+
+
+def _wavefront(passes: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """The steps ``(channel, lo, hi)`` of consecutive passes interleaved, each pass trailing the
+    one before it, so that every step reads the values it reads in pass order.
+
+    In pass order a chunk's slab (half a megabyte) streams through the core's L1 cache once per
+    pass; interleaved, a few passes work on the same rows while they are in L1, and the steps,
+    the same float operations on the same values, give the same numbers bit for bit. A step of
+    pass ``q`` runs once each earlier pass ``p`` of the group has made every step that writes a
+    channel it reads (read after write: all of ``p``'s steps up to its largest channel read, as
+    ``p``'s channels ascend) and every step that reads the channel it writes (write after read).
+    The earliest pass never waits, so the interleaving always completes."""
+    if len(passes) == 1:
+        return passes[0]
+    k = len(passes)
+    need = {}
+    for q in range(1, k):
+        cq, lq, hq = passes[q]
+        top = np.maximum(np.maximum(lq, cq), hq)
+        for p in range(q):
+            cp, lp, hp = passes[p]
+            width = int(max(top.max(initial=0), cp.max(initial=0), lp.max(initial=0), hp.max(initial=0))) + 1
+            last_read = np.zeros(width, dtype=np.int64)  # 1 + the last step of p reading each channel
+            steps = np.arange(1, cp.size + 1)
+            for reads in (lp, cp, hp):
+                np.maximum.at(last_read, reads, steps)
+            raw = np.searchsorted(cp, top, side="right")  # p's channels ascend
+            need[p, q] = np.maximum(raw, last_read[cq]).tolist()
+    size = np.array([len(t[0]) for t in passes], dtype=np.int64)
+    table = np.zeros((k, k, int(size.max())), dtype=np.int64)  # table[p, q, i]: pass q's step i waits for p
+    for (p, q), values in need.items():
+        table[p, q, :len(values)] = values
+    order = _interleave(table, size)
+    return tuple(np.concatenate([t[i] for t in passes])[order] for i in range(3))
+
+
+@numba.njit(cache=True)
+def _interleave(need, size):  # pragma: no cover - compiled
+    """:func:`_wavefront`'s order: indices into the passes' steps laid end to end, pass 0 a step
+    at a time, each later pass as far as ``need[p, q, i] <= done[p]`` lets it after each."""
+    k = size.shape[0]
+    start = np.zeros(k, dtype=np.int64)
+    for q in range(1, k):
+        start[q] = start[q - 1] + size[q - 1]
+    done = np.zeros(k, dtype=np.int64)
+    order = np.empty(size.sum(), dtype=np.int64)
+    n = 0
+    while n < order.shape[0]:
+        if done[0] < size[0]:
+            order[n] = done[0]
+            n += 1
+            done[0] += 1
+        for q in range(1, k):
+            while done[q] < size[q]:
+                ready = True
+                for p in range(q):
+                    if need[p, q, done[q]] > done[p]:
+                        ready = False
+                        break
+                if not ready:
+                    break
+                order[n] = start[q] + done[q]
+                n += 1
+                done[q] += 1
+    return order
 
 
 class SnipPlan:
