@@ -107,9 +107,9 @@ def test_contiguous_datasets_are_read_in_pieces(tmp_path, monkeypatch, decoded):
 
 @pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2"])
 def test_contiguous_slabs_are_memory_mapped(tmp_path, monkeypatch, decoded, dtype):
-    """Large slabs of whole rows of a contiguous dataset are mapped, not read: h5py's values, a
-    private copy on write (the file keeps its bytes), read as before where the file system cannot
-    map files, and a file cut short is an OSError."""
+    """Large slabs of whole rows of a contiguous dataset are mapped, not read: h5py's values,
+    read-only (always the file's bytes: file_bytes says where they lie), read as before where
+    the file system cannot map files, and a file cut short is an OSError."""
     monkeypatch.setattr(h5chunks, "_MIN_MAP_BYTES", 0)
     reads = []
     real = h5chunks.os.preadv
@@ -121,9 +121,19 @@ def test_contiguous_slabs_are_memory_mapped(tmp_path, monkeypatch, decoded, dtyp
         got = h5chunks.read_block(f["x"], (slice(5, 31), slice(None), slice(None)))
         np.testing.assert_array_equal(got, data[5:31])
         assert got.dtype == np.dtype(dtype) and type(got) is np.ndarray and not reads  # mapped, not read
-        got[0, 0, 0] = 99  # writable, privately
-        np.testing.assert_array_equal(h5chunks.read_block(f["x"], (slice(0, 40), slice(None), slice(None))), data)
-        np.testing.assert_array_equal(f["x"][5], data[5])
+        with pytest.raises(ValueError, match="read-only"):  # the file's bytes, always
+            got[0, 0, 0] = 99
+        # where the block lies in the file, for readers that read it themselves
+        path, offset = h5chunks.file_bytes(got)
+        assert path == str(tmp_path / "d.h5") and offset == f["x"].id.get_offset() + data[:5].nbytes
+        assert h5chunks.file_bytes(got[3:7])[1] == offset + data[5:8].nbytes
+        assert h5chunks.file_bytes(got.copy()) is None  # a copy
+        assert h5chunks.file_bytes(got[:, 1:3]) is None  # not contiguous
+        del got
+        import gc
+
+        gc.collect()
+        assert not h5chunks._LIVE_MAPS  # a mapping no longer alive is forgotten
 
         def no_mmap(*args, **kwargs):
             raise OSError("this file system cannot map files")

@@ -4,11 +4,14 @@ the same maps to the solver's tolerance, the same ROI counts, the same bits on a
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 import mapstorch.maps.fit as fit_module
+from mapstorch.errors import InputError
 from mapstorch.maps import fit_map, nnls_fused_cpu
 from mapstorch.synthetic import map_dataset, simulate_map
 
@@ -230,8 +233,53 @@ def test_spectrum_sums_are_float64_sums_in_both_layouts(dtype):
     got, got_cm = np.empty(300, np.float32), np.empty(300, np.float32)
     for p0 in (0, 128, 256):
         n = min(128, 300 - p0)
-        nnls_fused_cpu._spectrum_sums(x, p0, n, got)
-        nnls_fused_cpu._spectrum_sums_cm(np.ascontiguousarray(x.T), p0, n, got_cm)
+        nnls_fused_cpu._spectrum_sums(x, p0, n, got[p0:p0 + n])
+        nnls_fused_cpu._spectrum_sums_cm(np.ascontiguousarray(x.T), p0, n, got_cm[p0:p0 + n])
     np.testing.assert_array_equal(got_cm, want)
     np.testing.assert_allclose(got, want, rtol=1e-7)  # (the float64 sums in another order)
     assert np.isnan(got[5]) and got[6] == 0.0 and got[7] == np.float32(1000 * 2.0 ** 24)
+
+
+def test_mapped_blocks_are_read_by_the_threads_with_the_same_maps(tmp_path, monkeypatch):
+    """A pixel-major map in an uncompressed HDF5 file is memory-mapped a chunk at a time; the
+    fused pass's threads read each group's spectra from the file themselves (pread) instead of
+    touching the mapping: the maps are those of the same spectra in memory, bit for bit."""
+    import h5py
+
+    from mapstorch.io import Dataset
+    from mapstorch.io.h5chunks import read_block
+
+    sim = simulate_map(rows=6, cols=200, seed=3)
+    mem = map_dataset(sim)
+    path = tmp_path / "map.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("spectra", data=sim.counts.astype(np.float32))  # [rows, cols, C], contiguous
+    reads = []
+    real = nnls_fused_cpu._read_rows
+    monkeypatch.setattr(nnls_fused_cpu, "_read_rows", lambda *a: reads.append(a[1]) or real(*a))
+    with h5py.File(path, "r") as f:
+        d = f["spectra"]
+        disk = Dataset(path=str(path), format="hdf5-test", rows=6, cols=200, detectors=1, channels=d.shape[2],
+                       calibration=mem.calibration, read_block=lambda a, b, dets: read_block(
+                           d, (slice(a, b), slice(None), slice(None)))[:, :, None, :], live_time=mem.live_time)
+        assert disk.read(slice(0, 3)).flags.writeable is False  # mapped (3 rows: 4.9 MB)
+        got = fit_map(disk, sim.params, method="nnls", chunk_rows=3)
+    want = fit_map(mem, sim.params, method="nnls", chunk_rows=3)
+    assert len(reads) == 2 * 5  # two chunks of 600 pixels, each in groups of 128, 128, 128, 128 and 88
+    for key in ("counts", "counts_stderr", "reduced_chi2", "iterations", "status", "total_counts", "fitted_integrated",
+                "background_integrated", "roi_counts"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
+
+
+def test_a_file_cut_while_its_block_is_read_is_a_clear_error(tmp_path):
+    path = tmp_path / "short.bin"
+    path.write_bytes(np.arange(100, dtype=np.float32).tobytes())
+    out = np.empty((4, 10), np.float32)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        nnls_fused_cpu._read_rows(fd, 0, out[:2], str(path))
+        np.testing.assert_array_equal(out[:2].ravel(), np.arange(20))
+        with pytest.raises(InputError, match="ends at byte 400, short of the 40 bytes"):  # 120 of 160 there
+            nnls_fused_cpu._read_rows(fd, 280, out, str(path))
+    finally:
+        os.close(fd)

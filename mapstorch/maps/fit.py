@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -484,7 +485,9 @@ class _Job:
             flat = np.ascontiguousarray(flat)
         # channel-major blocks (XRF-Maps and raw fly-scan files store [C, rows, cols]) stay so: the
         # SNIP reads them in place; a transposing copy cost more than the whole fit
-        y = torch.from_numpy(flat).to(self.device).to(self.dtype)
+        with warnings.catch_warnings():  # a memory-mapped block is read-only; nothing here writes into it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            y = torch.from_numpy(flat).to(self.device).to(self.dtype)
         part = _fit_chunk(y, self.design, self.per_unit, self.cal, FitWindow(*self.window), self.method,
                           self.max_iter, self.nl, self.roi)
         return {k: v if k.startswith("integrated_") else  # sums over the chunk's pixels, [window channels]
@@ -694,6 +697,7 @@ def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch
     """:func:`_fit_chunk`'s nnls method in one pass per group of pixels (:mod:`nnls_fused_cpu`):
     the same SNIP, projections, solver and chi-square kernels, the background and the window's
     counts never written out for the whole chunk."""
+    from mapstorch.io import h5chunks
     from mapstorch.maps import nnls_fused_cpu
     from mapstorch.physics.snip import compiled_plan
 
@@ -715,7 +719,9 @@ def _fit_chunk_nnls_fused(y: torch.Tensor, design: torch.Tensor, per_unit: torch
         tables = nnls_fused_cpu.NnlsTables(plan, design.numpy(), pairs.numpy(), norms.numpy(), gram.numpy(), lip,
                                            inverse.numpy(), per_unit.detach().cpu().to(design.dtype).numpy())
         _fused_tables[:] = [(key, design, per_unit, tables, pairs, iu)]
-    res = nnls_fused_cpu.fit_nnls_cpu(x, tables, solvers.NNLS_TOL, max_iter or 2000, torch.get_num_threads())
+    source = None if channel_major else h5chunks.file_bytes(x)  # a mapped block: read by the threads instead
+    res = nnls_fused_cpu.fit_nnls_cpu(x, tables, solvers.NNLS_TOL, max_iter or 2000, torch.get_num_threads(),
+                                      source=source)
     out = res["maps"]  # _nnls_output's maps, made by the pass's threads
     if res["failed"]:  # not positive definite (collinear columns): the pseudo-inverse's errors, as there
         rows = torch.tensor(sorted(res["failed"]))

@@ -20,10 +20,13 @@ background, summed here in float64: amplitudes agree to the solver's tolerance.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
 from mapstorch import simd
+from mapstorch.errors import InputError
 from mapstorch.maps import chi2_cpu, nnls_cpu, spd_cpu
 from mapstorch.parallel import run_chunks
 from mapstorch.physics.snip_cpu import SnipPlan, nonzeros_by_row
@@ -93,8 +96,8 @@ def _finite_sums(bg, n, a, chi, p0, out):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
 def _spectrum_sums(x, p0, n, out):  # pragma: no cover - compiled
-    """``out[p] = sum_c x[p, c]`` (summed in float64, stored as float32) for the pixel-major
-    spectra ``x [P, C]``, ``p`` in ``p0 .. p0 + n - 1``: each pixel's total counts. The additions
+    """``out[j] = sum_c x[p0 + j, c]`` (summed in float64, stored as float32) for the pixel-major
+    spectra ``x [P, C]``, ``j < n``: each pixel's total counts. The additions
     may be reordered (numba's ``reassoc``, this function only, so that LLVM sums in SIMD lanes);
     the order is fixed by the compiled code. Counts that are integers sum exactly in any order."""
     for j in range(n):
@@ -102,7 +105,7 @@ def _spectrum_sums(x, p0, n, out):  # pragma: no cover - compiled
         s = 0.0
         for c in range(row.shape[0]):
             s += np.float64(row[c])
-        out[p0 + j] = np.float32(s)
+        out[j] = np.float32(s)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -115,7 +118,7 @@ def _spectrum_sums_cm(xc, p0, n, out):  # pragma: no cover - compiled
         for j in range(n):
             acc[j] += np.float64(row[j])
     for j in range(n):
-        out[p0 + j] = np.float32(acc[j])
+        out[j] = np.float32(acc[j])
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -175,6 +178,19 @@ def _group_spans(n_pix: int, group: int) -> list[tuple[int, int]]:
             + [(g0, min(small, n_pix - g0)) for g0 in range(head, n_pix, small)])
 
 
+def _read_rows(fd: int, offset: int, out: np.ndarray, path: str) -> None:
+    """``out`` (C-contiguous) filled from the file's bytes at ``offset`` (``pread``, which
+    releases the GIL); a file that ends short is an InputError (it was cut while mapped)."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise InputError(f"{path} ends at byte {offset + done}, short of the {len(view) - done} bytes of spectra "
+                             "still to read: was the file cut or rewritten while the map was being fitted?")
+        done += got
+
+
 class NnlsTables:
     """What :func:`fit_nnls_cpu` derives from the design and the SNIP alone, once per map.
 
@@ -203,7 +219,8 @@ class NnlsTables:
         self.per_unit = None if per_unit is None else np.ascontiguousarray(per_unit, dtype=dtype)
 
 
-def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n_threads: int = 1) -> dict[str, object]:
+def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n_threads: int = 1,
+                 source: tuple[str, int] | None = None) -> dict[str, object]:
     """XRF-Maps' NNLS map fit of the spectra ``x`` (``[P, C]``, or ``[C, P]`` with the plan's
     ``channel_major``; C-contiguous, the plan's dtype) on up to ``n_threads`` threads, with the
     design, SNIP and solver of ``tables``.
@@ -220,6 +237,12 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     ``counts``, ``stderr`` ``[K, P]``, ``rchi2 [P]``, ``status [P]`` (int8) and the kept
     amplitudes summed over the pixels, ``amplitude_sum [K]`` (float64), made by each thread for
     its groups (:func:`_finish`; the errors of ``failed`` pixels still to be set).
+
+    ``source``: ``(file, byte offset)`` of pixel-major ``x`` where it is a memory-mapped block
+    (:func:`mapstorch.io.h5chunks.file_bytes`): each thread then reads its groups' spectra with
+    ``pread`` into a buffer of its own, which leaves the mapping's pages untouched (no page
+    faults, nothing to unmap). Not for channel-major spectra, nor where ROI windows outside the
+    crop read ``x`` again at the end.
     """
     plan, dtype = tables.plan, tables.dtype
     n_w, k = tables.design.shape
@@ -249,6 +272,10 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     failed: dict[int, np.ndarray] = {}
     totals = np.empty(n_pix, dtype=np.float32)
     per_unit = tables.per_unit
+    if plan.channel_major or (plan.roi and not plan.inside.all()) or not hasattr(os, "preadv"):
+        source = None
+    fd = os.open(source[0], os.O_RDONLY) if source is not None else None
+    row_bytes = x.strides[0]
     if per_unit is not None:
         maps = {key: np.empty((k, n_pix), dtype=np.float32) for key in ("amplitudes", "amplitudes_stderr", "counts",
                                                                         "stderr")}
@@ -261,12 +288,18 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
         counts = simd.empty((n_w, GROUP), dtype)  # the window's counts, channel-major and contiguous
         proj = simd.empty((k, GROUP), dtype)
         amp_t = simd.empty((k, GROUP), dtype)  # the group's amplitudes, component-major
+        own = simd.empty((GROUP, x.shape[1]), dtype) if fd is not None else None  # the group's spectra
         for g in groups:
             g0, n = spans[g]
-            (_spectrum_sums_cm if plan.channel_major else _spectrum_sums)(x, g0, n, totals)
+            if own is not None:
+                _read_rows(fd, source[1] + g0 * row_bytes, own[:n], source[0])
+                xs, r0 = own, 0
+            else:
+                xs, r0 = x, g0
+            (_spectrum_sums_cm if plan.channel_major else _spectrum_sums)(xs, r0, n, totals[g0:g0 + n])
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 for q0 in range(0, n, plan.chunk):
-                    plan.chunk_work(x, g0 + q0, min(plan.chunk, n - q0), t, slab, bg, q0, counts, proj,
+                    plan.chunk_work(xs, r0 + q0, min(plan.chunk, n - q0), t, slab, bg, q0, counts, proj,
                                     None if roi_in is None else roi_in[:, g0:g0 + n])
             _start(proj, norms, inverse, b, a, scale, g0, n)
             nnls_cpu._fista(gram, b, a, scale, step, limit, int(max_iter), g0, g0 + n, iters, done)
@@ -284,7 +317,11 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
             for j in np.flatnonzero(~ok[g0:g0 + n]):  # rare: collinear columns; the caller's pseudo-inverse
                 failed[g0 + int(j)] = bg[:, j].copy()
 
-    run_chunks(work, n_groups, n_threads, name="mapstorch-nnls-map")
+    try:
+        run_chunks(work, n_groups, n_threads, name="mapstorch-nnls-map")
+    finally:
+        if fd is not None:
+            os.close(fd)
     out: dict[str, object] = {"a": a, "iterations": iters, "converged": done, "chi2": chi, "stderr": se, "ok": ok,
                               "background_sum": sums.sum(0), "failed": failed, "total": totals}
     if plan.roi:
