@@ -284,9 +284,9 @@ _exp_failure: str | None = None  # why the compiled exp kernel failed at run tim
 
 @functools.lru_cache(maxsize=1)
 def _exp_kernel():
-    """:func:`exp_cpu.exp_exp_minus_one`, or None where numba is unusable."""
+    """:func:`lls_cpu.exp_exp_minus_one`, or None where numba is unusable."""
     try:
-        from mapstorch.physics.exp_cpu import exp_exp_minus_one
+        from mapstorch.physics.lls_cpu import exp_exp_minus_one
     except Exception as exc:  # noqa: BLE001 -- not installed, or broken here: NumPy's exp does the work
         _log.debug("numba is not usable (%s); the blocked SNIP engine uses NumPy's exp", exc)
         return None
@@ -295,7 +295,7 @@ def _exp_kernel():
 
 def _exp_exp_minus_one(out: np.ndarray) -> None:
     """``out = exp(exp(out) - 1)`` in place (C-contiguous): for float32 the compiled engine's
-    kernel (:mod:`exp_cpu`), so that the blocked and compiled engines give the same numbers;
+    kernel (:mod:`lls_cpu`), so that the blocked and compiled engines give the same numbers;
     NumPy's ``exp`` for float64, and where numba is unusable (then within a few units in the last
     place of the compiled engine's)."""
     global _exp_failure

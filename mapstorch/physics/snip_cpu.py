@@ -17,7 +17,7 @@ numbers bit for bit, done a chunk of spectra at a time so that the chunk's chann
    64-byte vectors written as LLVM vector code, :func:`_clip_steps`, the last lanes as a loop);
    three passes at a time interleaved, each trailing the one before it by what it reads
    (:func:`_wavefront`), so that they work on the same rows while these are in the L1 cache;
-4. ``exp(exp(v) - 1)``: for float32 compiled (:mod:`exp_cpu`: one pass, within 1.01 units in
+4. ``exp(exp(v) - 1)``: for float32 compiled (:mod:`lls_cpu`: one pass, within 1.01 units in
    the last place per ``exp``; the blocked engine uses it too), for float64 NumPy's ``exp``,
    ``- 1``, ``exp``; compiled: ``- 1``, non-finite values to 0, and the chunk
    written into the channel-major result; if asked, the net counts ``max(y - bg, 0)`` replace
@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 from mapstorch import simd
 from mapstorch.errors import InputError
 from mapstorch.parallel import run_chunks
-from mapstorch.physics.exp_cpu import exp_exp_minus_one
+from mapstorch.physics.lls_cpu import exp_exp_minus_one
 
 __all__ = ["SnipPlan", "chunk_size", "nonzeros_by_row", "snip_window_cpu", "sweep_steps"]
 
@@ -615,7 +615,7 @@ class SnipPlan:
         v += one
         np.log(v, out=v)
         _sweep_chunk(v, nb, chan, lo, hi, self.half)
-        if v.dtype == np.float32:  # in one pass, more exact than NumPy's (exp_cpu)
+        if v.dtype == np.float32:  # in one pass, more exact than NumPy's (lls_cpu)
             exp_exp_minus_one(v)
         else:
             np.exp(v, out=v)

@@ -1,5 +1,6 @@
-"""The SNIP's compiled float32 exp (mapstorch.physics.exp_cpu): its accuracy against float64,
-special values, subnormal results, every length, and the blocked engine's fallback to NumPy."""
+"""The SNIP's compiled float32 inverse transform (mapstorch.physics.lls_cpu): its exp's accuracy
+against float64, special values, subnormal results, every length (whole blocks of vectors, single
+vectors, the last values), and the blocked engine's fallback to NumPy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-exp_cpu = pytest.importorskip("mapstorch.physics.exp_cpu")
+lls_cpu = pytest.importorskip("mapstorch.physics.lls_cpu")
 
 
 def _ulps(got: np.ndarray, exact: np.ndarray) -> np.ndarray:
@@ -21,7 +22,7 @@ def test_exp_within_one_unit_in_the_last_place():
     x = np.concatenate([rng.uniform(-87.3, 88.7, 2_000_000), rng.uniform(-1, 3, 1_000_000),
                         rng.normal(0, 1e-4, 100_000)]).astype(np.float32)
     exact = np.exp(x.astype(np.float64))
-    got = exp_cpu.exp32(x.copy())
+    got = lls_cpu.exp32(x.copy())
     err = _ulps(got, exact)
     assert err.max() < 1.02
     assert (got == exact.astype(np.float32)).mean() > 0.88  # mostly the nearest float32
@@ -32,7 +33,7 @@ def test_exp_within_one_unit_in_the_last_place():
 def test_exp_special_values_and_subnormal_results():
     x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 88.72, 88.73, 89.0, 100.0, 1e30, -87.3, -100.0, -103.9,
                   -104.5, -200.0, -1e30, 1e-30, -1e-30], np.float32)
-    got = exp_cpu.exp32(x.copy())
+    got = lls_cpu.exp32(x.copy())
     with np.errstate(over="ignore"):
         exact = np.exp(x.astype(np.float64))
     assert got[0] == got[1] == 1.0 and np.isnan(got[4]) and got[3] == 0.0
@@ -49,28 +50,28 @@ def test_exp_exp_minus_one_every_length_and_shape():
     """exp(exp(v) - 1), values past the last whole vector included, equals two exp32 passes with
     the subtraction between them, bit for bit, and is within a few units in the last place."""
     rng = np.random.default_rng(1)
-    for n in (1, 15, 16, 17, 31, 100, 1000):
+    for n in (1, 15, 16, 17, 31, 63, 64, 65, 100, 1000):
         v = rng.uniform(0, 2.6, n).astype(np.float32)
-        got = exp_cpu.exp_exp_minus_one(v.copy())
-        step = exp_cpu.exp32(v.copy())
+        got = lls_cpu.exp_exp_minus_one(v.copy())
+        step = lls_cpu.exp32(v.copy())
         step -= np.float32(1.0)
-        want = exp_cpu.exp32(step)
+        want = lls_cpu.exp32(step)
         np.testing.assert_array_equal(got, want)
         exact = np.exp(np.exp(v.astype(np.float64)) - 1.0)
         np.testing.assert_allclose(got, exact, rtol=2e-6)
     block = rng.uniform(0, 2.6, (7, 33)).astype(np.float32)
-    np.testing.assert_array_equal(exp_cpu.exp_exp_minus_one(block.copy()),
-                                  exp_cpu.exp_exp_minus_one(block.reshape(-1).copy()).reshape(7, 33))
+    np.testing.assert_array_equal(lls_cpu.exp_exp_minus_one(block.copy()),
+                                  lls_cpu.exp_exp_minus_one(block.reshape(-1).copy()).reshape(7, 33))
 
 
 def test_exp_rejects_arrays_it_cannot_work_in_place():
     for bad in (np.zeros(8), np.zeros((4, 8), np.float32)[:, ::2], np.zeros(3, np.int32)):
         with pytest.raises(ValueError, match="C-contiguous float32"):
-            exp_cpu.exp_exp_minus_one(bad)
+            lls_cpu.exp_exp_minus_one(bad)
     frozen = np.zeros(4, np.float32)
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="writable"):
-        exp_cpu.exp32(frozen)
+        lls_cpu.exp32(frozen)
 
 
 def test_blocked_engine_without_the_kernel_uses_numpy_and_stays_close(monkeypatch):

@@ -1,20 +1,21 @@
 """The SNIP's inverse transform ``exp(exp(v) - 1)`` for float32 on the CPU, as LLVM vector code
 (numba): within 1.01 units in the last place of the exact value per ``exp``, where NumPy's SIMD
 ``exp`` for float32 is within 2.5 (and not correctly rounded for a third of its values), in one
-pass over the array instead of three, 1.6 times faster.
+pass over the array instead of three, four vectors side by side: 1.6 times faster. (The forward
+transform ``log(log(v) + 1)`` stays with NumPy: a ``log`` written the same way, within 0.92
+units, was no faster than NumPy's.)
 
-Each ``exp(x)``: ``k = rint(x / ln 2)`` and ``r = x - k ln 2`` (``ln 2`` in two parts, each
-product exact in a fused multiply-add), ``|r| <= ln(2) / 2``; ``exp(r) = 1 + r + r^2 q(r)`` with
-``q`` a degree-4 polynomial fitted by weighted least squares (Lawson's iterations) to
+``exp(x)``: ``k = rint(x / ln 2)`` and ``r = x - k ln 2`` (``ln 2`` in two parts, each product
+exact in a fused multiply-add), ``|r| <= ln(2) / 2``; ``exp(r) = 1 + r + r^2 q(r)`` with ``q`` a
+degree-4 polynomial fitted by weighted least squares (Lawson's iterations) to
 ``(exp(r) - 1 - r) / r^2`` (relative error 3e-9); then ``* 2^k`` as two exact multiplications by
 powers of two (``2^(k // 2)`` and ``2^(k - k // 2)``), so that results below ``2^-126`` round once
 into the subnormals and those above the largest float32 become infinity. NaN stays NaN, ``-inf``
-gives 0 and ``+inf`` infinity; inputs are clamped to ``[-104, 89]`` first, beyond which the
-result is 0 or infinity anyway.
+gives 0 and ``+inf`` infinity.
 
 The operations are explicit (``llvm.fma`` where fused, no other contraction or reordering), so
-the numbers are the same on any x86-64 CPU; :func:`mapstorch.physics.snip_cpu.SnipPlan` and the
-blocked NumPy engine (:func:`mapstorch.physics.snip.snip_window`) both use these kernels for
+the numbers are the same on any x86-64 CPU; :class:`mapstorch.physics.snip_cpu.SnipPlan` and the
+blocked NumPy engine (:func:`mapstorch.physics.snip.snip_window`) both use this kernel for
 float32, so the two engines keep the same numbers bit for bit. Float64 stays with NumPy's ``exp``.
 """
 
@@ -84,45 +85,63 @@ def _vectors(context, builder, typ, value):
     return builder.bitcast(context.make_array(typ)(context, builder, value=value).data, _VEC.as_pointer())
 
 
+_EXP, _EXP_EXP = 0, 1  # what _transform_vectors computes
+_BLOCK = 4  # vectors transformed side by side (one at a time, the second function waited on the first)
+
+
 @intrinsic
-def _exp_vectors(typingctx, a, nvec, twice):
-    """In place over the first ``nvec`` vectors of the C-contiguous float32 array ``a``:
-    ``exp(a)``, or with ``twice`` true ``exp(exp(a) - 1)``."""
+def _transform_vectors(typingctx, a, nvec, what):
+    """In place over the first ``nvec`` vectors of the C-contiguous float32 array ``a``: by
+    ``what``, ``exp(a)`` or ``exp(exp(a) - 1)``."""
     if not (isinstance(a, types.Array) and a.layout == "C" and a.dtype == types.float32):
         return None
-    sig = types.void(a, nvec, twice)
+    sig = types.void(a, nvec, what)
 
     def codegen(context, builder, signature, args):
         data = _vectors(context, builder, signature.args[0], args[0])
         n = context.cast(builder, args[1], signature.args[1], types.int64)
-        both = context.cast(builder, args[2], signature.args[2], types.boolean)
-        with builder.if_else(both) as (again, once):
-            for second in (True, False):
-                with again if second else once:
-                    with cgutils.for_range(builder, n) as loop:
-                        ptr = builder.gep(data, [loop.index])
-                        value = emit_exp(builder, builder.load(ptr, align=4))
-                        if second:
-                            value = emit_exp(builder, builder.fsub(value, _const(1.0)))
-                        builder.store(value, ptr, align=4)
+        mode = context.cast(builder, args[2], signature.args[2], types.int64)
+        done = builder.append_basic_block("done")
+        switch = builder.switch(mode, done)
+        for code, twice in ((_EXP, False), (_EXP_EXP, True)):
+            block = builder.append_basic_block(f"mode{code}")
+            switch.add_case(ir.Constant(ir.IntType(64), code), block)
+            builder.position_at_end(block)
+
+            def vectors(first, width):  # ``width`` vectors side by side: independent chains in flight
+                ptrs = [builder.gep(data, [builder.add(first, ir.Constant(ir.IntType(64), u))]) for u in range(width)]
+                values = [emit_exp(builder, builder.load(ptr, align=4)) for ptr in ptrs]
+                if twice:
+                    values = [emit_exp(builder, builder.fsub(value, _const(1.0))) for value in values]
+                for ptr, value in zip(ptrs, values):
+                    builder.store(value, ptr, align=4)
+
+            blocks = builder.sdiv(n, ir.Constant(ir.IntType(64), _BLOCK))
+            with cgutils.for_range(builder, blocks) as loop:
+                vectors(builder.mul(loop.index, ir.Constant(ir.IntType(64), _BLOCK)), _BLOCK)
+            rest = builder.mul(blocks, ir.Constant(ir.IntType(64), _BLOCK))
+            with cgutils.for_range(builder, builder.sub(n, rest)) as loop:
+                vectors(builder.add(rest, loop.index), 1)
+            builder.branch(done)
+        builder.position_at_end(done)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @numba.njit(nogil=True, cache=True)
-def _apply(flat, twice):  # pragma: no cover - compiled
-    """:func:`_exp_vectors` over the 1-D C-contiguous ``flat``; the last values (fewer than a
+def _apply(flat, what):  # pragma: no cover - compiled
+    """:func:`_transform_vectors` over the 1-D C-contiguous ``flat``; the last values (fewer than a
     vector) through a vector of scratch, so that every value sees the same code."""
     full = flat.size // _LANES
     if full > 0:
-        _exp_vectors(flat, full, twice)
+        _transform_vectors(flat, full, what)
     rest = flat.size - full * _LANES
     if rest > 0:
-        tail = np.zeros(_LANES, dtype=np.float32)
+        tail = np.ones(_LANES, dtype=np.float32)
         for j in range(rest):
             tail[j] = flat[full * _LANES + j]
-        _exp_vectors(tail, 1, twice)
+        _transform_vectors(tail, 1, what)
         for j in range(rest):
             flat[full * _LANES + j] = tail[j]
 
@@ -136,11 +155,12 @@ def _flat(a: np.ndarray, name: str) -> np.ndarray:
 
 def exp_exp_minus_one(a: np.ndarray) -> np.ndarray:
     """``a = exp(exp(a) - 1)`` in place (float32, C-contiguous, any shape); returns ``a``."""
-    _apply(_flat(a, "exp_exp_minus_one"), True)
+    _apply(_flat(a, "exp_exp_minus_one"), _EXP_EXP)
     return a
 
 
 def exp32(a: np.ndarray) -> np.ndarray:
     """``a = exp(a)`` in place (float32, C-contiguous, any shape) with the same code; returns ``a``."""
-    _apply(_flat(a, "exp32"), False)
+    _apply(_flat(a, "exp32"), _EXP)
     return a
+
