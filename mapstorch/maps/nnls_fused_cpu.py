@@ -288,18 +288,22 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
         counts = simd.empty((n_w, GROUP), dtype)  # the window's counts, channel-major and contiguous
         proj = simd.empty((k, GROUP), dtype)
         amp_t = simd.empty((k, GROUP), dtype)  # the group's amplitudes, component-major
-        own = simd.empty((GROUP, x.shape[1]), dtype) if fd is not None else None  # the group's spectra
+        # a SNIP chunk's spectra read into the thread's own buffer (half of a core's L2 cache) just
+        # before they are summed and loaded
+        own = simd.empty((plan.chunk, x.shape[1]), dtype) if fd is not None else None
+        sum_rows = _spectrum_sums_cm if plan.channel_major else _spectrum_sums
         for g in groups:
             g0, n = spans[g]
-            if own is not None:
-                _read_rows(fd, source[1] + g0 * row_bytes, own[:n], source[0])
-                xs, r0 = own, 0
-            else:
-                xs, r0 = x, g0
-            (_spectrum_sums_cm if plan.channel_major else _spectrum_sums)(xs, r0, n, totals[g0:g0 + n])
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 for q0 in range(0, n, plan.chunk):
-                    plan.chunk_work(xs, r0 + q0, min(plan.chunk, n - q0), t, slab, bg, q0, counts, proj,
+                    nb = min(plan.chunk, n - q0)
+                    if own is not None:
+                        _read_rows(fd, source[1] + (g0 + q0) * row_bytes, own[:nb], source[0])
+                        xs, r0 = own, 0
+                    else:
+                        xs, r0 = x, g0 + q0
+                    sum_rows(xs, r0, nb, totals[g0 + q0:g0 + q0 + nb])
+                    plan.chunk_work(xs, r0, nb, t, slab, bg, q0, counts, proj,
                                     None if roi_in is None else roi_in[:, g0:g0 + n])
             _start(proj, norms, inverse, b, a, scale, g0, n)
             nnls_cpu._fista(gram, b, a, scale, step, limit, int(max_iter), g0, g0 + n, iters, done)
