@@ -28,7 +28,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["exp_exp_minus_one", "exp32"]
+__all__ = ["EXP_EXP", "exp_exp_minus_one", "exp32", "transform_flat"]
 
 _LANES = 16  # float32 lanes of a 64-byte vector
 _F32 = ir.FloatType()
@@ -85,7 +85,7 @@ def _vectors(context, builder, typ, value):
     return builder.bitcast(context.make_array(typ)(context, builder, value=value).data, _VEC.as_pointer())
 
 
-_EXP, _EXP_EXP = 0, 1  # what _transform_vectors computes
+_EXP, EXP_EXP = 0, 1  # what _transform_vectors computes
 _BLOCK = 4  # vectors transformed side by side (one at a time, the second function waited on the first)
 
 
@@ -103,7 +103,7 @@ def _transform_vectors(typingctx, a, nvec, what):
         mode = context.cast(builder, args[2], signature.args[2], types.int64)
         done = builder.append_basic_block("done")
         switch = builder.switch(mode, done)
-        for code, twice in ((_EXP, False), (_EXP_EXP, True)):
+        for code, twice in ((_EXP, False), (EXP_EXP, True)):
             block = builder.append_basic_block(f"mode{code}")
             switch.add_case(ir.Constant(ir.IntType(64), code), block)
             builder.position_at_end(block)
@@ -130,9 +130,10 @@ def _transform_vectors(typingctx, a, nvec, what):
 
 
 @numba.njit(nogil=True, cache=True)
-def _apply(flat, what):  # pragma: no cover - compiled
-    """:func:`_transform_vectors` over the 1-D C-contiguous ``flat``; the last values (fewer than a
-    vector) through a vector of scratch, so that every value sees the same code."""
+def transform_flat(flat, what):  # pragma: no cover - compiled
+    """:func:`_transform_vectors` over the 1-D C-contiguous float32 ``flat`` (for compiled
+    callers; ``what``: :data:`EXP_EXP` or ``exp`` alone); the last values (fewer than a vector)
+    through a vector of scratch, so that every value sees the same code."""
     full = flat.size // _LANES
     if full > 0:
         _transform_vectors(flat, full, what)
@@ -155,12 +156,12 @@ def _flat(a: np.ndarray, name: str) -> np.ndarray:
 
 def exp_exp_minus_one(a: np.ndarray) -> np.ndarray:
     """``a = exp(exp(a) - 1)`` in place (float32, C-contiguous, any shape); returns ``a``."""
-    _apply(_flat(a, "exp_exp_minus_one"), _EXP_EXP)
+    transform_flat(_flat(a, "exp_exp_minus_one"), EXP_EXP)
     return a
 
 
 def exp32(a: np.ndarray) -> np.ndarray:
     """``a = exp(a)`` in place (float32, C-contiguous, any shape) with the same code; returns ``a``."""
-    _apply(_flat(a, "exp32"), _EXP)
+    transform_flat(_flat(a, "exp32"), _EXP)
     return a
 

@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 from mapstorch import simd
 from mapstorch.errors import InputError
 from mapstorch.parallel import run_chunks
-from mapstorch.physics.lls_cpu import exp_exp_minus_one
+from mapstorch.physics.lls_cpu import EXP_EXP, transform_flat
 
 __all__ = ["SnipPlan", "chunk_size", "nonzeros_by_row", "snip_window_cpu", "sweep_steps"]
 
@@ -529,6 +529,45 @@ def _interleave(need, size):  # pragma: no cover - compiled
     return order
 
 
+_NO_INDEX = np.zeros(0, dtype=np.int64)
+_NO_ROI = np.zeros((0, 0), dtype=np.float32)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=False)
+def _load_chunk_roi(x, p0, nb, first, last, fifth, one, t, v, counts, q0, channel_major, roi_lo, roi_hi, roi_in,
+                    xa):  # pragma: no cover - compiled
+    """:func:`_load_chunk` (or :func:`_load_chunk_cm`) and :func:`_roi_chunk` of the ROI windows
+    ``roi_lo .. roi_hi`` (none: empty) in one call: a compiled function's call from Python costs
+    about half a microsecond per array it is given."""
+    if channel_major:
+        _load_chunk_cm(x, p0, nb, first, last, fifth, one, v, counts, q0)
+        if roi_lo.shape[0] > 0:
+            _roi_chunk(x, 0, p0, nb, roi_lo, roi_hi, roi_in, q0)
+    else:
+        _load_chunk(x, p0, nb, first, last, fifth, one, t, v, counts, q0)
+        if roi_lo.shape[0] > 0:
+            _roi_chunk(t, xa, 0, nb, roi_lo, roi_hi, roi_in, q0)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=False)
+def _store_and_project(v, nb, one, out, q0, src, r0, t0, net, project, cptr, cval, crow,
+                       proj):  # pragma: no cover - compiled
+    """:func:`_store_chunk`, then (``project``) :func:`_project_chunk`, in one call."""
+    _store_chunk(v, nb, one, out, q0, src, r0, t0, net)
+    if project:
+        _project_chunk(v, nb, cptr, cval, crow, proj, q0)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=False)
+def _sweep_to_projections(chan, lo, hi, half, v, nb, one, out, q0, src, r0, t0, net, project, cptr, cval, crow,
+                          proj):  # pragma: no cover - compiled
+    """For float32: :func:`_sweep_chunk`, the inverse transform ``exp(exp(v) - 1)`` in place
+    (:mod:`lls_cpu`) and :func:`_store_and_project`, in one call."""
+    _sweep_chunk(v, nb, chan, lo, hi, half)
+    transform_flat(v.reshape(-1), EXP_EXP)
+    _store_and_project(v, nb, one, out, q0, src, r0, t0, net, project, cptr, cval, crow, proj)
+
+
 class SnipPlan:
     """The validated constants of a compiled SNIP over the window ``first..last`` of spectra
     with ``n`` channels (``channel_major``: stored ``[C, P]``), and its work on one chunk of
@@ -602,31 +641,26 @@ class SnipPlan:
         chan, lo, hi = self.steps
         # NumPy's ufuncs on whole C-contiguous arrays, as in the blocked engine
         v = slab if nb == slab.shape[1] else simd.empty((self.n_w, nb), self.dtype)
-        if self.channel_major:
-            _load_chunk_cm(x, p0, nb, first, last, self.fifth, one, v, counts, q0)
-        else:
-            _load_chunk(x, p0, nb, first, last, self.fifth, one, t, v, counts, q0)
-        if self.roi and self.in_lo.size:  # the raw counts of the chunk, in the cache now
-            if self.channel_major:
-                _roi_chunk(x, 0, p0, nb, self.in_lo, self.in_hi, roi_in, q0)
-            else:
-                _roi_chunk(t, self.xa, 0, nb, self.in_lo, self.in_hi, roi_in, q0)
+        rois = self.roi and self.in_lo.size
+        _load_chunk_roi(x, p0, nb, first, last, self.fifth, one, t, v, counts, q0, self.channel_major,
+                        self.in_lo if rois else _NO_INDEX, self.in_hi if rois else _NO_INDEX,
+                        roi_in if rois else _NO_ROI, self.xa)
         np.log(v, out=v)
         v += one
         np.log(v, out=v)
-        _sweep_chunk(v, nb, chan, lo, hi, self.half)
-        if v.dtype == np.float32:  # in one pass, more exact than NumPy's (lls_cpu)
-            exp_exp_minus_one(v)
+        src, r0, t0 = (x, first, p0) if self.channel_major else (t, self.r0, 0)  # the counts, channel-major
+        project = self.project and proj is not None
+        args = (v, nb, one, out, q0, src, r0, t0, self.net, project, self.cptr if project else _NO_INDEX,
+                self.cval if project else v[:0, 0], self.crow if project else _NO_INDEX,
+                proj if project else v[:0, :0])
+        if v.dtype == np.float32:  # the inverse transform compiled too (lls_cpu): one call for the rest
+            _sweep_to_projections(chan, lo, hi, self.half, *args)
         else:
+            _sweep_chunk(v, nb, chan, lo, hi, self.half)
             np.exp(v, out=v)
             v -= one
             np.exp(v, out=v)
-        if self.channel_major:  # the counts straight from the spectra's rows
-            _store_chunk(v, nb, one, out, q0, x, first, p0, self.net)
-        else:
-            _store_chunk(v, nb, one, out, q0, t, self.r0, 0, self.net)
-        if self.project:
-            _project_chunk(v, nb, self.cptr, self.cval, self.crow, proj, q0)
+            _store_and_project(*args)
         return v
 
     def roi_outside(self, x: np.ndarray, roi_in: np.ndarray) -> np.ndarray:
