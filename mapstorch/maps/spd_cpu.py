@@ -478,9 +478,7 @@ def _add_quad_lanes(acc, j0, nb, qptr, qpair, qcoef, q, w1, w2, w3, w4):  # prag
             a[j] += (k1 * w1[j] + k2 * w2[j]) + (k3 * w3[j] + k4 * w4[j])
 
 
-# vectors of pixels whose weights are loaded once per quad's entries (8: the chi-square and errors
-# pass 2.03 -> 1.93 us per pixel against 4; 6 and 16 no better)
-_QUAD_BLOCK = 8
+_QUAD_BLOCK = 4  # vectors of pixels whose weights stay in registers while a quad's entries pass
 
 
 @intrinsic
