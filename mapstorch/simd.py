@@ -19,7 +19,7 @@ from numba import types
 
 from mapstorch.aligned import VECTOR_BYTES, empty
 
-__all__ = ["VECTOR_BYTES", "empty", "empty_rows", "vector_type", "splat", "row_pointer", "int64"]
+__all__ = ["VECTOR_BYTES", "empty", "empty_rows", "vector_type", "splat", "row_pointer", "int64", "in_blocks"]
 
 
 _I8P = ir.IntType(8).as_pointer()
@@ -59,3 +59,19 @@ def row_pointer(builder, data, index, stride, vec: ir.VectorType):
 def int64(context, builder, value, numba_type):
     """``value`` of numba type ``numba_type`` as an int64."""
     return context.cast(builder, value, numba_type, types.int64)
+
+
+def in_blocks(builder, n, width: int, body) -> None:
+    """LLVM IR calling ``body(first, width)`` for ``n`` (an int64 value) items in blocks of
+    ``width`` (``first``: an int64 value, the block's first item), then ``body(first, 1)`` for
+    each item after the last whole block: straight-line code for ``width`` independent items
+    at a time (registers, chains of operations in flight), without a per-item loop."""
+    from numba.core import cgutils
+
+    i64 = ir.IntType(64)
+    blocks = builder.sdiv(n, ir.Constant(i64, width))
+    with cgutils.for_range(builder, blocks) as loop:
+        body(builder.mul(loop.index, ir.Constant(i64, width)), width)
+    done = builder.mul(blocks, ir.Constant(i64, width))
+    with cgutils.for_range(builder, builder.sub(n, done)) as loop:
+        body(builder.add(done, loop.index), 1)

@@ -139,12 +139,7 @@ def _model_lanes(typingctx, dval, dcol, dptr, a_t, bg, y, c, p0, nvec, w, acc):
                 target = builder.gep(acc_row, [v])
                 builder.store(builder.fadd(builder.load(target, align=8), term), target, align=8)
 
-        blocks = builder.sdiv(n_vec, ir.Constant(i64, _MODEL_BLOCK))
-        with cgutils.for_range(builder, blocks) as b:
-            block(builder.mul(b.index, ir.Constant(i64, _MODEL_BLOCK)), _MODEL_BLOCK)
-        done = builder.mul(blocks, ir.Constant(i64, _MODEL_BLOCK))
-        with cgutils.for_range(builder, builder.sub(n_vec, done)) as r:
-            block(builder.add(done, r.index), 1)
+        simd.in_blocks(builder, n_vec, _MODEL_BLOCK, block)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -524,12 +524,7 @@ def _quad_lanes(typingctx, acc, nvec, qpair, qcoef, e0, e1, w1, w2, w3, w4):
                     target = builder.gep(row, [builder.add(j0, ir.Constant(i64, v))])
                     builder.store(builder.fadd(builder.load(target, align=4), add), target, align=4)
 
-        blocks = builder.sdiv(nvec, ir.Constant(i64, _QUAD_BLOCK))
-        with cgutils.for_range(builder, blocks) as b:
-            block(builder.mul(b.index, ir.Constant(i64, _QUAD_BLOCK)), _QUAD_BLOCK)
-        done = builder.mul(blocks, ir.Constant(i64, _QUAD_BLOCK))
-        with cgutils.for_range(builder, builder.sub(nvec, done)) as r:
-            block(builder.add(done, r.index), 1)
+        simd.in_blocks(builder, nvec, _QUAD_BLOCK, block)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -28,6 +28,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from mapstorch import simd
+
 __all__ = ["EXP_EXP", "exp_exp_minus_one", "exp32", "transform_flat"]
 
 _LANES = 16  # float32 lanes of a 64-byte vector
@@ -116,12 +118,7 @@ def _transform_vectors(typingctx, a, nvec, what):
                 for ptr, value in zip(ptrs, values):
                     builder.store(value, ptr, align=4)
 
-            blocks = builder.sdiv(n, ir.Constant(ir.IntType(64), _BLOCK))
-            with cgutils.for_range(builder, blocks) as loop:
-                vectors(builder.mul(loop.index, ir.Constant(ir.IntType(64), _BLOCK)), _BLOCK)
-            rest = builder.mul(blocks, ir.Constant(ir.IntType(64), _BLOCK))
-            with cgutils.for_range(builder, builder.sub(n, rest)) as loop:
-                vectors(builder.add(rest, loop.index), 1)
+            simd.in_blocks(builder, n, _BLOCK, vectors)
             builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()

@@ -377,12 +377,7 @@ def _project_lanes(typingctx, v, nvec, cptr, cval, crow, proj, p0):
                     builder.store(builder.load(sums[u]), builder.gep(dst, [builder.add(v0, ir.Constant(i64, u))]),
                                   align=4)
 
-        blocks = builder.sdiv(n_vec, ir.Constant(i64, _PROJECT_BLOCK))
-        with cgutils.for_range(builder, blocks) as b:
-            columns(builder.mul(b.index, ir.Constant(i64, _PROJECT_BLOCK)), _PROJECT_BLOCK)
-        done = builder.mul(blocks, ir.Constant(i64, _PROJECT_BLOCK))
-        with cgutils.for_range(builder, builder.sub(n_vec, done)) as r:
-            columns(builder.add(done, r.index), 1)
+        simd.in_blocks(builder, n_vec, _PROJECT_BLOCK, columns)
         return context.get_dummy_value()
 
     return sig, codegen
