@@ -6,8 +6,9 @@ partial sums in memory; for a loop of a few vectors that repeats millions of tim
 and loads cost as much as the arithmetic. A kernel that loads, computes and stores whole 64-byte
 vectors itself avoids both (:func:`mapstorch.physics.snip_cpu._clip_steps`,
 :func:`mapstorch.maps.spd_cpu._quad_lanes`). These helpers build such code inside a numba
-``@intrinsic``; the float operations stay exactly those written (no fused multiply-add, no
-reassociation), so the numbers are those of the plain loops they replace, bit for bit.
+``@intrinsic``; the float operations stay exactly those written (no fused multiply-add unless a
+kernel calls ``llvm.fma`` itself, no reassociation), so the numbers are those of the plain loops
+they replace, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 
 from mapstorch.aligned import VECTOR_BYTES, empty
 
@@ -66,8 +68,6 @@ def in_blocks(builder, n, width: int, body) -> None:
     ``width`` (``first``: an int64 value, the block's first item), then ``body(first, 1)`` for
     each item after the last whole block: straight-line code for ``width`` independent items
     at a time (registers, chains of operations in flight), without a per-item loop."""
-    from numba.core import cgutils
-
     i64 = ir.IntType(64)
     blocks = builder.sdiv(n, ir.Constant(i64, width))
     with cgutils.for_range(builder, blocks) as loop:

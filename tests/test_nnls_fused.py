@@ -283,3 +283,19 @@ def test_a_file_cut_while_its_block_is_read_is_a_clear_error(tmp_path):
             nnls_fused_cpu._read_rows(fd, 280, out, str(path))
     finally:
         os.close(fd)
+
+
+def test_a_mapped_file_moved_away_is_read_through_its_mapping(tmp_path, monkeypatch):
+    """Where the mapped file can no longer be opened by name (moved or removed after it was
+    mapped, which Linux allows), the threads read the spectra in memory instead: the fused pass
+    still runs, with the same maps."""
+    from mapstorch.io import h5chunks
+
+    args, kwargs = _chunk_args(rows=2, cols=100)
+    want = fit_module._fit_chunk(*args, **kwargs)
+    monkeypatch.setattr(fit_module, "_fused_failure", None)  # (restored after the test)
+    monkeypatch.setattr(h5chunks, "file_bytes", lambda array: (str(tmp_path / "gone.h5"), 0))
+    got = fit_module._fit_chunk(*args, **kwargs)
+    assert fit_module._fused_failure is None  # not given up for the step-by-step path
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)

@@ -8,9 +8,10 @@ the integrated background: memory traffic that cost about a third of the SNIP's 
 larger than the caches. Here each thread takes a group of :data:`GROUP` pixels through every
 step: the spectra's total counts, the SNIP and the projections of the net counts (a cache-sized
 chunk of spectra at a time, into the group's own background and counts arrays, reused from
-group to group, so they stay in the caches), the NNLS iterations, the chi-square and standard errors, the group's share of the
-integrated background, and the group's columns of the float32 maps (:func:`_finish`, what
-``fit._nnls_output`` makes of the same arrays). Only per-pixel results leave the group.
+group to group, so they stay in the caches), the NNLS iterations, the chi-square and standard
+errors, the group's share of the integrated background, and the group's columns of the float32
+maps (:func:`_finish`, what ``fit._nnls_output`` makes of the same arrays). Only per-pixel
+results leave the group.
 
 The numbers are those of the step-by-step path (:func:`mapstorch.maps.fit._fit_chunk`) with
 the same kernels, except the NNLS start, the unconstrained solution clipped at 0, whose sums
@@ -97,9 +98,9 @@ def _finite_sums(bg, n, a, chi, p0, out):  # pragma: no cover - compiled
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
 def _spectrum_sums(x, p0, n, out):  # pragma: no cover - compiled
     """``out[j] = sum_c x[p0 + j, c]`` (summed in float64, stored as float32) for the pixel-major
-    spectra ``x [P, C]``, ``j < n``: each pixel's total counts. The additions
-    may be reordered (numba's ``reassoc``, this function only, so that LLVM sums in SIMD lanes);
-    the order is fixed by the compiled code. Counts that are integers sum exactly in any order."""
+    spectra ``x [P, C]``, ``j < n``: each pixel's total counts. The additions may be reordered
+    (numba's ``reassoc``, this function only, so that LLVM sums in SIMD lanes); the order is
+    fixed by the compiled code. Counts that are integers sum exactly in any order."""
     for j in range(n):
         row = x[p0 + j]
         s = 0.0
@@ -274,7 +275,12 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
     per_unit = tables.per_unit
     if plan.channel_major or (plan.roi and not plan.inside.all()) or not hasattr(os, "preadv"):
         source = None
-    fd = os.open(source[0], os.O_RDONLY) if source is not None else None
+    fd = None
+    if source is not None:
+        try:
+            fd = os.open(source[0], os.O_RDONLY)
+        except OSError:  # (the file was moved or removed since it was mapped: the mapping is read instead)
+            source = None
     row_bytes = x.strides[0]
     if per_unit is not None:
         maps = {key: np.empty((k, n_pix), dtype=np.float32) for key in ("amplitudes", "amplitudes_stderr", "counts",
@@ -288,8 +294,8 @@ def fit_nnls_cpu(x: np.ndarray, tables: NnlsTables, tol: float, max_iter: int, n
         counts = simd.empty((n_w, GROUP), dtype)  # the window's counts, channel-major and contiguous
         proj = simd.empty((k, GROUP), dtype)
         amp_t = simd.empty((k, GROUP), dtype)  # the group's amplitudes, component-major
-        # a SNIP chunk's spectra read into the thread's own buffer (half of a core's L2 cache) just
-        # before they are summed and loaded
+        # a SNIP chunk's spectra read into the thread's own buffer (128 spectra of 2048 float32
+        # channels: 1 MB, a core's L2 cache) just before they are summed and loaded
         own = simd.empty((plan.chunk, x.shape[1]), dtype) if fd is not None else None
         sum_rows = _spectrum_sums_cm if plan.channel_major else _spectrum_sums
         for g in groups:
